@@ -1,0 +1,263 @@
+"""The `interface-engine` command.
+
+Every error a user can cause prints one line saying what to do and exits non-zero;
+a traceback means a bug in the engine, not in the user's input.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from . import config as config_module
+from .config import DEFAULT_CONFIG, ConfigError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class Failure(click.ClickException):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+    exit_code = EXIT_FAILED
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+def user_errors(fn):
+    """Turn the errors a user can cause into one clear line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .mllp.client import MLLPError
+        from .store import StoreError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, StoreError, MLLPError) as e:
+            raise Failure(str(e)) from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise Failure(f"{where}{e.strerror or e}") from None
+    return wrapper
+
+
+config_option = click.option(
+    "--config", "config_path", default=DEFAULT_CONFIG, envvar="IE_CONFIG", show_default=True,
+    type=click.Path(dir_okay=False), help="Engine config file (TOML). Env: IE_CONFIG.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="interface-engine")
+def main():
+    """An HL7 v2 interface engine: MLLP in, a durable message store, channels out."""
+
+
+@main.command()
+@config_option
+@user_errors
+def run(config_path):
+    """Run the engine in the foreground until SIGTERM or Ctrl-C."""
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+
+    from . import log
+    from .engine import Engine
+
+    config = config_module.load(config_path)
+    log.start(config.log_level, config.log_format)
+    engine = Engine(config, reactor)
+    try:
+        engine.startService()
+    except CannotListenError as e:
+        raise Failure(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
+                      f"{getattr(e.socketError, 'strerror', None) or e.socketError}") from None
+    reactor.addSystemEventTrigger("before", "shutdown", engine.stopService)
+    reactor.run()
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=2575, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds to wait for each answer.")
+@click.option("--raw", is_flag=True,
+              help="Send each file's bytes as they are (default: segments end with CR).")
+@user_errors
+def send(files, host, port, timeout, raw):
+    """Send HL7 v2 files over MLLP and print each answer's MSA-1, MSA-2 and MSA-3.
+
+    A file may hold one message, several, or an FHS/BHS batch (sent as one frame).
+    Exits 1 if any answer is not AA/CA or does not come.
+    """
+    from . import hl7
+    from .mllp.client import MLLPClient, MLLPError
+
+    frames = []
+    for name in files:
+        data = Path(name).read_bytes()
+        for payload in split_file(data, keep_bytes=raw):
+            frames.append((name, payload))
+    if not frames:
+        raise Failure("no HL7 message found in the given files (each must contain an MSH segment)")
+    failed = 0
+    with MLLPClient(host, port, timeout=timeout) as client:
+        for name, payload in frames:
+            try:
+                answer = client.send(payload)
+            except MLLPError as e:
+                click.echo(f"{name}\t-\t-\t{e}")
+                failed += 1
+                break
+            for msa in acknowledgements(answer):
+                code, control_id, text = msa
+                click.echo(f"{name}\t{code}\t{control_id}\t{text}".rstrip())
+                if code not in ("AA", "CA"):
+                    failed += 1
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+_SEGMENT_START = re.compile(rb"(?:^|(?<=[\r\n]))(?=MSH|FHS|BHS)")
+
+
+def split_file(data: bytes, keep_bytes: bool = False) -> list[bytes]:
+    """The frames to send for one file: a batch whole, otherwise one frame per MSH."""
+    from . import hl7
+
+    if not keep_bytes:
+        data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    if hl7.is_batch(data):
+        return [data]
+    starts = [m.start() for m in _SEGMENT_START.finditer(data)]
+    if not starts:
+        return [data] if data.strip() else []
+    if not keep_bytes:
+        starts[0] = 0  # keep a BOM or leading junk with the first message: the engine judges it
+    return [data[a:b] for a, b in zip(starts, starts[1:] + [len(data)]) if data[a:b].strip()]
+
+
+def acknowledgements(answer: bytes) -> list[tuple[str, str, str]]:
+    """(MSA-1, MSA-2, MSA-3) for each ACK in an answer (a batch answer holds several)."""
+    from . import hl7
+
+    result = []
+    for part in hl7.split_messages(answer):
+        try:
+            ack = hl7.parse(part)
+        except (hl7.HL7Error, ValueError):
+            result.append(("??", "", "answer is not an HL7 ACK"))
+            continue
+        result.append((ack["MSA-1"], ack["MSA-2"], ack["MSA-3"]))
+    return result or [("??", "", "empty answer")]
+
+
+@main.group()
+def messages():
+    """Look at stored messages."""
+
+
+def _open_store(config_path):
+    from .store import Store
+
+    config = config_module.load(config_path)
+    store = Store(config.store.url, duplicate_window=config.store.duplicate_window)
+    store.check_schema(upgrade_empty=False)
+    return store
+
+
+@messages.command("list")
+@config_option
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--before", "before_id", type=int, help="Only messages with an id below this (paging).")
+@click.option("--state", help="received, rejected, ...")
+@click.option("--listener", help="Only messages from this listener.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@user_errors
+def messages_list(config_path, limit, before_id, state, listener, as_json):
+    """List stored messages, newest first (metadata only, no content)."""
+    store = _open_store(config_path)
+    rows = store.list_messages(limit=limit, before_id=before_id, state=state, listener=listener)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(_jsonable(row)))
+        return
+    columns = ("id", "received_at", "state", "listener", "peer", "type", "control_id", "sender")
+    table = [columns] + [(
+        str(r["id"]), r["received_at"].strftime("%Y-%m-%d %H:%M:%S"), r["state"], r["listener"],
+        r["peer"], f"{r['message_type']}^{r['trigger_event']}".strip("^"), r["control_id"],
+        f"{r['sending_application']}|{r['sending_facility']}".strip("|"),
+    ) for r in rows]
+    widths = [min(40, max(len(row[i]) for row in table)) for i in range(len(columns))]
+    for row in table:
+        click.echo("  ".join(cell[:40].ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@messages.command("show")
+@click.argument("message_id", type=int)
+@config_option
+@click.option("--raw", is_flag=True, help="Write the stored bytes exactly, nothing else.")
+@user_errors
+def messages_show(message_id, config_path, raw):
+    """Show one stored message: its metadata, its segments and the answer it was given."""
+    store = _open_store(config_path)
+    row = store.get_message(message_id)
+    if row is None:
+        raise Failure(f"no message with id {message_id} (see `interface-engine messages list`)")
+    if raw:
+        sys.stdout.buffer.write(row["raw"])
+        return
+    for key, value in _jsonable(row).items():
+        if key not in ("raw", "ack"):
+            click.echo(f"{key:22} {value}")
+    click.echo("\nmessage:")
+    click.echo(_printable(row["raw"]))
+    if row["ack"]:
+        click.echo("\nanswer sent:")
+        click.echo(_printable(row["ack"]))
+
+
+def _printable(data: bytes) -> str:
+    text = data.decode("utf-8", errors="replace")
+    return "\n".join("  " + line for line in re.split(r"\r\n|\r|\n", text) if line)
+
+
+def _jsonable(row: dict) -> dict:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, bytes):
+            continue
+        out[key] = value.isoformat() + "Z" if hasattr(value, "isoformat") else value
+    return out
+
+
+@main.group()
+def db():
+    """Manage the message store's schema."""
+
+
+@db.command()
+@config_option
+@user_errors
+def upgrade(config_path):
+    """Create the store's tables or bring them to this version's schema."""
+    from .store import Store
+
+    config = config_module.load(config_path)
+    path = config_module.sqlite_path(config.store.url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = Store(config.store.url)
+    before, after = store.upgrade()
+    store.close()
+    if before == after:
+        click.echo(f"the store is already at revision {after}")
+    else:
+        click.echo(f"upgraded the store from revision {before or 'none'} to {after}")

@@ -1,0 +1,217 @@
+"""Engine configuration: TOML in, typed and validated objects out.
+
+Every error names the file, the key path and what was expected, so an operator
+can fix a config without reading code. Unknown keys are errors too: a typo must
+not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG = "conf/engine.toml"
+
+ACK_MODES = ("stored",)
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(Exception):
+    """A config problem, worded for the person who wrote the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 2575
+    ack_mode: str = "stored"
+    max_frame: int = 1024 * 1024
+    frame_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    max_connections: int = 200
+    max_connections_per_peer: int = 20
+    max_pending_per_connection: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = "sqlite:///var/store.db"
+    duplicate_window: float = 24 * 3600.0
+    max_batch: int = 512
+    max_backlog: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class HL7Config:
+    default_charset: str = "utf-8"
+    fallback_charset: str = "latin-1"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    path: str
+    log_level: str = "info"
+    log_format: str = "text"
+    store: StoreConfig = field(default_factory=StoreConfig)
+    hl7: HL7Config = field(default_factory=HL7Config)
+    listeners: tuple[ListenerConfig, ...] = ()
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class _Section:
+    """Reads one TOML table, checking types and remembering which keys were used."""
+
+    def __init__(self, path: str, prefix: str, data: object):
+        self.path, self.prefix = path, prefix
+        if not isinstance(data, dict):
+            self.fail("", f"expected a table, got {_kind(data)}")
+        self.data: dict = data
+        self.used: set[str] = set()
+
+    def fail(self, key: str, expected: str):
+        where = ".".join(p for p in (self.prefix, key) if p) or "(top level)"
+        raise ConfigError(f"{self.path}: {where}: {expected}")
+
+    def _get(self, key, default):
+        self.used.add(key)
+        return self.data.get(key, default)
+
+    def str(self, key, default, choices=None):
+        value = self._get(key, default)
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"expected a non-empty string, got {_kind(value)}")
+        if choices and value not in choices:
+            self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def int(self, key, default, minimum=1, maximum=None):
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"expected an integer, got {_kind(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            self.fail(key, f"expected an integer {bound}, got {value}")
+        return value
+
+    def duration(self, key, default):
+        """Seconds as a number, or a string such as "30s", "5m", "24h"."""
+        value = self._get(key, default)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        else:
+            self.fail(key, f'expected a duration such as 30, "30s", "5m" or "24h", got {value!r}')
+        if seconds <= 0:
+            self.fail(key, f"expected a positive duration, got {value!r}")
+        return seconds
+
+    def table(self, key):
+        self.used.add(key)
+        return _Section(self.path, f"{self.prefix}.{key}" if self.prefix else key, self.data.get(key, {}))
+
+    def done(self):
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            self.fail(unknown[0], "unknown key (check its spelling against docs/configuration.md)")
+
+
+def _kind(value) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def load(path: str | os.PathLike) -> EngineConfig:
+    """Load and validate the engine config at `path`."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (pass --config PATH)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, path)
+
+
+def parse(data: dict, path: str = "<config>") -> EngineConfig:
+    top = _Section(path, "", data)
+
+    engine = top.table("engine")
+    log_level = engine.str("log_level", "info", LOG_LEVELS)
+    log_format = engine.str("log_format", "text", LOG_FORMATS)
+    engine.done()
+
+    s = top.table("store")
+    store = StoreConfig(
+        url=os.environ.get("IE_STORE_URL") or s.str("url", StoreConfig.url),
+        duplicate_window=s.duration("duplicate_window", StoreConfig.duplicate_window),
+        max_batch=s.int("max_batch", StoreConfig.max_batch, 1, 100_000),
+        max_backlog=s.int("max_backlog", StoreConfig.max_backlog, 1),
+    )
+    s.done()
+    if not store.url.startswith(("sqlite:", "postgresql")):
+        s.fail("url", f"expected a sqlite:/// or postgresql+psycopg:// URL, got {store.url.split(':')[0]!r}")
+
+    h = top.table("hl7")
+    hl7 = HL7Config(
+        default_charset=_codec(h, "default_charset", HL7Config.default_charset),
+        fallback_charset=_codec(h, "fallback_charset", HL7Config.fallback_charset),
+    )
+    h.done()
+
+    top.used.add("listeners")
+    raw_listeners = data.get("listeners", [])
+    if not isinstance(raw_listeners, list):
+        top.fail("listeners", "expected an array of tables ([[listeners]])")
+    listeners = []
+    for i, item in enumerate(raw_listeners):
+        ls = _Section(path, f"listeners[{i}]", item)
+        d = ListenerConfig
+        listener = ListenerConfig(
+            name=ls.str("name", f"listener-{i + 1}"),
+            host=ls.str("host", d.host),
+            port=ls.int("port", d.port, 0, 65535),
+            ack_mode=ls.str("ack_mode", d.ack_mode, ACK_MODES),
+            max_frame=ls.int("max_frame", d.max_frame, 64),
+            frame_timeout=ls.duration("frame_timeout", d.frame_timeout),
+            idle_timeout=ls.duration("idle_timeout", d.idle_timeout),
+            max_connections=ls.int("max_connections", d.max_connections),
+            max_connections_per_peer=ls.int("max_connections_per_peer", d.max_connections_per_peer),
+            max_pending_per_connection=ls.int("max_pending_per_connection", d.max_pending_per_connection),
+        )
+        ls.done()
+        if any(other.name == listener.name for other in listeners):
+            ls.fail("name", f"expected a unique listener name, {listener.name!r} is used twice")
+        listeners.append(listener)
+    top.done()
+    return EngineConfig(path=path, log_level=log_level, log_format=log_format,
+                        store=store, hl7=hl7, listeners=tuple(listeners))
+
+
+def _codec(section: _Section, key: str, default: str) -> str:
+    import codecs
+
+    name = section.str(key, default)
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        section.fail(key, f"expected a Python codec name such as utf-8 or latin-1, got {name!r}")
+    return name
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a sqlite URL, so its folder can be created before first use."""
+    if not url.startswith("sqlite:///") or url in ("sqlite://", "sqlite:///:memory:"):
+        return None
+    return Path(url[len("sqlite:///"):].split("?", 1)[0])

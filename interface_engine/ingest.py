@@ -1,0 +1,114 @@
+"""Ingest: what each received frame becomes in the store, and what its sender is answered.
+
+framing -> ingest -> store (commit) -> ACK. The answer is built before the commit
+and stored with the message in the same transaction, so a duplicate can be given
+the very answer its original got; it is released to the sender only after the
+commit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from itertools import count
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from . import hl7
+from .config import HL7Config, ListenerConfig
+from .store import CONFLICT, DUPLICATE, RECEIVED, REJECTED, GroupCommitter, Incoming, Outcome
+
+log = Logger()
+
+
+class ControlIds:
+    """Control ids for our ACKs: unique per process and across processes, at most 20 characters."""
+
+    def __init__(self):
+        self._prefix = "%08X%04X" % (int(time.time()) & 0xFFFFFFFF, os.getpid() & 0xFFFF)
+        self._count = count(1)
+
+    def __call__(self) -> str:
+        return "%s%07X" % (self._prefix, next(self._count) & 0xFFFFFFF)
+
+
+class Ingest:
+    def __init__(self, committer: GroupCommitter, listener: ListenerConfig, charsets: HL7Config):
+        self.committer = committer
+        self.listener = listener.name
+        self.charsets = {"default_charset": charsets.default_charset,
+                         "fallback_charset": charsets.fallback_charset}
+        self.control_ids = ControlIds()
+        self.counts: Counter = Counter()
+
+    def receive(self, payload: bytes, peer: str) -> defer.Deferred:
+        """Store what the frame holds; the Deferred fires with the answer to send."""
+        if hl7.is_batch(payload):
+            parts = hl7.split_messages(payload)
+            if parts:
+                answers = [self._message(part, peer) for part in parts]
+                d = defer.gatherResults(answers, consumeErrors=True)
+                d.addCallback(lambda acks: hl7.build_batch_ack(payload, acks))
+                return d
+        return self._message(payload, peer)
+
+    def oversized(self, head: bytes, peer: str, limit: int) -> bytes:
+        """The AR for a frame over the size limit; nothing of it is stored."""
+        header = hl7.peek(head, **self.charsets)
+        self.counts["oversized"] += 1
+        log.warn("frame over {limit} bytes from {peer} (control id {control_id!r}) refused",
+                 limit=limit, peer=peer, control_id=header.control_id)
+        return hl7.build_ack(header, hl7.ack_code(header, "reject"), control_id=self.control_ids(),
+                             reason=f"frame larger than the {limit}-byte limit", error_code="207")
+
+    def _message(self, raw: bytes, peer: str) -> defer.Deferred:
+        header = hl7.peek(raw, **self.charsets)
+        error = header.error
+        if error is None:
+            ack = hl7.build_ack(header, hl7.ack_code(header, "accept"), control_id=self.control_ids())
+        else:
+            ack = hl7.build_ack(header, hl7.ack_code(header, "reject"), control_id=self.control_ids(),
+                                reason=error.reason, error_code=error.code)
+        item = Incoming(
+            raw=raw, listener=self.listener, peer=peer, ack=ack,
+            state=REJECTED if error else RECEIVED, error=error.reason if error else None,
+            sending_application=header.sending_application,
+            sending_facility=header.sending_facility,
+            receiving_application=header.receiving_application,
+            receiving_facility=header.receiving_facility,
+            message_type=header.message_type, trigger_event=header.trigger_event,
+            control_id=header.control_id, version=header.version,
+            conflict_ack=lambda: self._conflict_ack(header),
+        )
+        d = self.committer.submit(item)
+        d.addCallback(self._stored, item, peer)
+        return d
+
+    def _conflict_ack(self, header) -> bytes:
+        return hl7.build_ack(header, hl7.ack_code(header, "error"), control_id=self.control_ids(),
+                             reason="message control id already received with different content",
+                             error_code="207")
+
+    def _stored(self, outcome: Outcome, item: Incoming, peer: str) -> bytes:
+        if outcome.kind == DUPLICATE:
+            self.counts["duplicates"] += 1
+            log.info("duplicate {type}^{trigger} {control_id!r} from {peer}: answered as message {id}",
+                     type=item.message_type, trigger=item.trigger_event,
+                     control_id=item.control_id, peer=peer, id=outcome.message_id)
+        elif outcome.kind == CONFLICT:
+            self.counts["conflicts"] += 1
+            log.warn("control id {control_id!r} from {peer} reused with different content: "
+                     "stored as rejected message {id}",
+                     control_id=item.control_id, peer=peer, id=outcome.message_id)
+        elif item.state == REJECTED:
+            self.counts["rejected"] += 1
+            log.warn("rejected message {id} from {peer}: {reason}",
+                     id=outcome.message_id, peer=peer, reason=item.error)
+        else:
+            self.counts["received"] += 1
+            log.debug("stored {type}^{trigger} {control_id!r} from {peer} as message {id}",
+                      type=item.message_type, trigger=item.trigger_event,
+                      control_id=item.control_id, peer=peer, id=outcome.message_id)
+        return outcome.ack

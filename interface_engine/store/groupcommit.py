@@ -1,0 +1,125 @@
+"""Group commit: everything that arrives while a commit is in flight shares the next one.
+
+One writer thread owns the store's write path. The reactor hands it messages and
+gets Deferreds back; the thread takes all that is waiting, writes it in one
+transaction (one fsync), and fires the Deferreds from the reactor thread. If the
+transaction fails, every Deferred of that batch fails: the listener then sends no
+positive ACK for anything in it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .store import Incoming, Outcome, Store
+
+log = Logger()
+
+_STOP = object()
+
+
+class GroupCommitter:
+    def __init__(self, store: Store, reactor, *, max_batch: int = 512):
+        self.store = store
+        self.reactor = reactor
+        self.max_batch = max_batch
+        self.pending = 0
+        self.batches = 0
+        self.commit_seconds = 0.0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopped: defer.Deferred | None = None
+        self._drained: list[defer.Deferred] = []
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Incoming) -> defer.Deferred:
+        """Queue one message; the Deferred fires with its Outcome after the commit."""
+        if self._stopped is not None:
+            return defer.fail(RuntimeError("the store writer is stopping"))
+        d = defer.Deferred()
+        self.pending += 1
+        self._queue.put((item, d))
+        return d
+
+    def stop(self) -> defer.Deferred:
+        """Commit what is queued, then end the writer thread."""
+        if self._stopped is None:
+            self._stopped = defer.Deferred()
+            self._queue.put(_STOP)
+            if self._thread is None:
+                self._stopped.callback(None)
+        return self._stopped
+
+    def drained(self) -> defer.Deferred:
+        """Fires when nothing submitted so far is still waiting for its commit."""
+        d = defer.Deferred()
+        if self.pending == 0:
+            d.callback(None)
+        else:
+            self._drained.append(d)
+        return d
+
+    def _run(self):
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stopping = True
+                    break
+                batch.append(more)
+            started = time.perf_counter()
+            try:
+                outcomes = self.store.write([item for item, _ in batch])
+            except Exception as error:  # any failure means nothing in the batch is durable
+                self.reactor.callFromThread(self._fail, batch, error)
+            else:
+                self.reactor.callFromThread(self._deliver, batch, outcomes,
+                                            time.perf_counter() - started)
+        self.reactor.callFromThread(self._finished)
+
+    def _deliver(self, batch, outcomes: list[Outcome], seconds: float):
+        self.batches += 1
+        self.commit_seconds += seconds
+        self.pending -= len(batch)
+        for (_, d), outcome in zip(batch, outcomes):
+            d.callback(outcome)
+        self._check_drained()
+
+    def _fail(self, batch, error: Exception):
+        self.pending -= len(batch)
+        log.error("store commit failed for {count} messages: {error}; none of them is acknowledged",
+                  count=len(batch), error=_describe(error))
+        for _, d in batch:
+            d.errback(error)
+        self._check_drained()
+
+    def _check_drained(self):
+        if self.pending == 0 and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def _finished(self):
+        if self._stopped is not None and not self._stopped.called:
+            self._stopped.callback(None)
+
+
+def _describe(error: Exception) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

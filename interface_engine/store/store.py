@@ -1,0 +1,282 @@
+"""The message store: the only code that speaks SQL.
+
+Blocking by design: the reactor never calls it directly. Ingest reaches it through
+the group committer's single writer thread; the CLI calls it straight away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+import sqlalchemy as sa
+from sqlalchemy import event, func, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from .schema import RECEIVED, REJECTED, messages
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class StoreError(Exception):
+    """The store could not be opened, read or written; the text says what to do."""
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A message as ingest hands it over: raw bytes, routing metadata and its answer."""
+
+    raw: bytes
+    listener: str
+    peer: str
+    state: str
+    ack: bytes
+    sending_application: str = ""
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    message_type: str = ""
+    trigger_event: str = ""
+    control_id: str = ""
+    version: str = ""
+    error: str | None = None
+    #: builds the AE for a message whose control id is already stored with other content
+    conflict_ack: Callable[[], bytes] | None = None
+    sha256: str = field(init=False)
+
+    def __post_init__(self):
+        self.sha256 = hashlib.sha256(self.raw).hexdigest()
+
+    def key(self) -> tuple[str, str, str]:
+        """What makes two messages the same message: MSH-3, MSH-4 and MSH-10."""
+        return (self.sending_application[:227], self.sending_facility[:227], self.control_id[:199])
+
+
+STORED, DUPLICATE, CONFLICT = "stored", "duplicate", "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the store did with one Incoming: the answer to send is always `ack`."""
+
+    kind: str
+    message_id: int
+    ack: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Original:
+    message_id: int
+    sha256: str
+    ack: bytes
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def create_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, hide_parameters=True)
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    # WAL lets readers (the CLI) run beside the writer; FULL syncs the WAL on every
+    # commit, because NORMAL can lose acknowledged commits on power loss.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Store:
+    def __init__(self, url: str, *, duplicate_window: float = 86400.0):
+        self.url = url
+        self.duplicate_window = timedelta(seconds=duplicate_window)
+        try:
+            self.engine = create_engine(url)
+        except (SQLAlchemyError, ImportError, ValueError) as e:
+            raise StoreError(f"cannot use store URL {_safe_url(url)}: {e}") from None
+        self._insert = insert(messages).returning(messages.c.id, sort_by_parameter_order=True)
+
+    def close(self):
+        self.engine.dispose()
+
+    # -- schema ---------------------------------------------------------------
+
+    def _alembic(self, connection):
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def revisions(self) -> tuple[str | None, str]:
+        """(revision the database is at, newest revision this code knows)."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        with self._connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            head = ScriptDirectory.from_config(self._alembic(conn)).get_current_head()
+        return current, head
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Bring the schema to the newest revision; returns (before, after)."""
+        from alembic import command
+
+        before, head = self.revisions()
+        if before != head:
+            with self._connect() as conn, conn.begin():
+                command.upgrade(self._alembic(conn), "head")
+        return before, head
+
+    def check_schema(self, *, upgrade_empty: bool = True):
+        """Upgrade an empty database; refuse to run on one that is behind."""
+        current, head = self.revisions()
+        if current == head:
+            return
+        if current is None and upgrade_empty and not self._has_tables():
+            self.upgrade()
+            return
+        raise StoreError(f"the store is at schema revision {current or 'none'}, this engine needs "
+                         f"{head}: run `interface-engine db upgrade` first")
+
+    def _has_tables(self) -> bool:
+        with self._connect() as conn:
+            return bool(sa.inspect(conn).get_table_names())
+
+    def _connect(self):
+        try:
+            return self.engine.connect()
+        except SQLAlchemyError as e:
+            raise StoreError(f"cannot connect to the store {_safe_url(self.url)}: "
+                             f"{_first_line(e)}") from None
+
+    # -- ingest -----------------------------------------------------------------
+
+    def write(self, batch: list[Incoming], now: datetime | None = None) -> list[Outcome]:
+        """Store a batch in ONE transaction and say what became of each message.
+
+        Duplicates are decided here, inside the transaction, so that a copy earlier in
+        the same batch counts as well as one stored before.
+        """
+        now = now or utcnow()
+        with self.engine.begin() as conn:
+            earlier = self._earlier_copies(conn, batch, now)
+            first_in_batch: dict[tuple, int] = {}
+            copies: dict[int, _Original | int] = {}
+            rows, slots, conflicts = [], [], set()
+            for i, item in enumerate(batch):
+                if item.state == RECEIVED:
+                    key = item.key()
+                    original = earlier.get(key)
+                    if original is None:
+                        original = first_in_batch.get(key)
+                    if original is None:
+                        first_in_batch[key] = i
+                    else:
+                        sha = original.sha256 if isinstance(original, _Original) else batch[original].sha256
+                        if sha == item.sha256:
+                            copies[i] = original
+                            continue
+                        item.state, item.error = REJECTED, "duplicate control id with different content"
+                        conflicts.add(i)
+                        if item.conflict_ack:
+                            item.ack = item.conflict_ack()
+                rows.append(_row(item, now))
+                slots.append(i)
+            outcomes: list[Outcome | None] = [None] * len(batch)
+            ids = [r[0] for r in conn.execute(self._insert, rows)] if rows else []
+            for i, message_id in zip(slots, ids):
+                outcomes[i] = Outcome(CONFLICT if i in conflicts else STORED, message_id, batch[i].ack)
+            counts: dict[int, int] = {}
+            for i, original in copies.items():
+                if isinstance(original, int):
+                    original = _Original(outcomes[original].message_id, "", outcomes[original].ack)
+                outcomes[i] = Outcome(DUPLICATE, original.message_id, original.ack)
+                counts[original.message_id] = counts.get(original.message_id, 0) + 1
+            if counts:
+                conn.execute(
+                    update(messages).where(messages.c.id == sa.bindparam("mid"))
+                    .values(duplicates=messages.c.duplicates + sa.bindparam("n")),
+                    [{"mid": k, "n": v} for k, v in counts.items()])
+        return outcomes
+
+    def _earlier_copies(self, conn, batch, now) -> dict[tuple, _Original]:
+        ids = {item.control_id for item in batch if item.state == RECEIVED and item.control_id}
+        if not ids:
+            return {}
+        rows = conn.execute(
+            select(messages.c.id, messages.c.sending_application, messages.c.sending_facility,
+                   messages.c.control_id, messages.c.sha256, messages.c.ack)
+            .where(messages.c.control_id.in_(ids),
+                   messages.c.received_at >= now - self.duplicate_window,
+                   messages.c.state != REJECTED)
+            .order_by(messages.c.id))
+        found: dict[tuple, _Original] = {}
+        for mid, app, fac, cid, sha, ack in rows:
+            found.setdefault((app, fac, cid), _Original(mid, sha, ack))
+        return found
+
+    # -- reading ----------------------------------------------------------------
+
+    def list_messages(self, *, limit: int = 50, before_id: int | None = None,
+                      state: str | None = None, listener: str | None = None) -> list[dict]:
+        query = (select(*[c for c in messages.c if c.name not in ("raw", "ack")])
+                 .order_by(messages.c.id.desc()).limit(limit))
+        if before_id is not None:
+            query = query.where(messages.c.id < before_id)
+        if state:
+            query = query.where(messages.c.state == state)
+        if listener:
+            query = query.where(messages.c.listener == listener)
+        with self._connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def get_message(self, message_id: int) -> dict | None:
+        with self._connect() as conn:
+            row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
+        return dict(row._mapping) if row else None
+
+    def count_messages(self, **where) -> int:
+        query = select(func.count()).select_from(messages)
+        for column, value in where.items():
+            query = query.where(messages.c[column] == value)
+        with self._connect() as conn:
+            return conn.execute(query).scalar_one()
+
+
+def _row(item: Incoming, now: datetime) -> dict:
+    return {
+        "received_at": now, "listener": item.listener, "peer": item.peer, "state": item.state,
+        "error": item.error, "sending_application": item.sending_application[:227],
+        "sending_facility": item.sending_facility[:227],
+        "receiving_application": item.receiving_application[:227],
+        "receiving_facility": item.receiving_facility[:227],
+        "message_type": item.message_type[:16], "trigger_event": item.trigger_event[:16],
+        "control_id": item.control_id[:199], "version": item.version[:16],
+        "size": len(item.raw), "sha256": item.sha256, "raw": item.raw, "ack": item.ack,
+        "duplicates": 0,
+    }
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, fit for an error message."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparseable URL is reported by the caller's own message
+        return url.split("@")[-1]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(getattr(error, "orig", None) or error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

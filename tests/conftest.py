@@ -1,0 +1,146 @@
+"""Shared fixtures: real engine processes, real stores, the shared corpus.
+
+Tests that need PostgreSQL or the shared corpus skip with a reason where those are
+absent, as on a user's machine; with CI=true they fail instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CORPUS = SHARED / "corpus" / "hl7v2"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_URL = os.environ.get("IE_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def unavailable(reason: str):
+    """Skip on a user's machine; in CI a missing dependency is a failure."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: this test must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.is_dir():
+        unavailable(f"the shared HL7 v2 corpus is not beside this checkout ({CORPUS.name} missing)")
+    return CORPUS
+
+
+def _postgres_admin():
+    import psycopg
+
+    dsn = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        unavailable(f"PostgreSQL is not reachable at IE_TEST_POSTGRES_URL: {str(e).splitlines()[0]}")
+
+
+@pytest.fixture
+def postgres_url():
+    """A URL into a fresh, empty schema of the test database, dropped afterwards."""
+    admin = _postgres_admin()
+    schema = f"ie_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+LISTENING = re.compile(r"listening for MLLP on [\d.]+:(\d+) \((\S+)\)")
+
+
+class EngineProcess:
+    """`interface-engine run` in a subprocess, with its log kept for inspection."""
+
+    def __init__(self, workdir: Path, store_url: str, listener: dict | None = None,
+                 extra: str = ""):
+        self.workdir = workdir
+        self.store_url = store_url
+        self.config_path = workdir / "engine.toml"
+        self.log_path = workdir / "engine.log"
+        settings = {"name": "test", "host": "127.0.0.1", "port": 0} | (listener or {})
+        lines = ["[engine]", 'log_level = "debug"', "[store]", f'url = "{store_url}"', extra,
+                 "[[listeners]]"]
+        for key, value in settings.items():
+            lines.append(f"{key} = {value!r}" if isinstance(value, str) else f"{key} = {value}")
+        self.config_path.write_text("\n".join(lines).replace("'", '"') + "\n")
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 30.0):
+        self._log = open(self.log_path, "ab")
+        offset = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "interface_engine", "run", "--config", str(self.config_path)],
+            cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode("utf-8", "replace")
+            if m := LISTENING.search(text):
+                self.port = int(m.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"engine exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise RuntimeError("engine did not start listening in time:\n" + self.log())
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> int:
+        return self.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def engine_factory(tmp_path):
+    started: list[EngineProcess] = []
+
+    def make(store_url: str | None = None, listener: dict | None = None, extra: str = "",
+             workdir: Path | None = None) -> EngineProcess:
+        wd = workdir or tmp_path
+        engine = EngineProcess(wd, store_url or f"sqlite:///{wd / 'store.db'}", listener, extra)
+        started.append(engine)
+        return engine.start()
+
+    yield make
+    for engine in started:
+        if engine.proc and engine.proc.poll() is None:
+            engine.kill()

@@ -1,0 +1,121 @@
+"""The store on SQLite and PostgreSQL: schema, one-transaction batches, duplicates."""
+
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from interface_engine.store import (CONFLICT, DUPLICATE, RECEIVED, REJECTED, STORED, Incoming,
+                                    Store, StoreError)
+from interface_engine.store.store import utcnow
+
+
+def item(control_id="C1", raw=b"MSH|one", state=RECEIVED, app="APP", fac="FAC", **kw):
+    return Incoming(raw=raw, listener="l", peer="127.0.0.1", state=state, ack=b"ACK-" + raw,
+                    sending_application=app, sending_facility=fac, control_id=control_id,
+                    conflict_ack=lambda: b"AE-conflict", **kw)
+
+
+@pytest.fixture
+def store(store_url):
+    s = Store(store_url, duplicate_window=3600)
+    s.check_schema()
+    yield s
+    s.close()
+
+
+def test_empty_database_is_upgraded_and_then_current(store):
+    current, head = store.revisions()
+    assert current == head == "0001"
+
+
+def test_outdated_database_is_refused_with_what_to_do(store_url):
+    s = Store(store_url)
+    with s.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE unrelated (x INTEGER)"))
+    with pytest.raises(StoreError, match="interface-engine db upgrade"):
+        s.check_schema()
+    s.upgrade()
+    s.check_schema()
+
+
+def test_sqlite_is_wal_with_full_sync(sqlite_url):
+    s = Store(sqlite_url)
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_batch_is_stored_with_raw_bytes_and_metadata(store):
+    raw = "MSH|^~\\&|é".encode("utf-8") + b"\x00\xff"
+    outcomes = store.write([item("A", raw, message_type="ADT", trigger_event="A01"),
+                            item("B", b"MSH|two")])
+    assert [o.kind for o in outcomes] == [STORED, STORED]
+    row = store.get_message(outcomes[0].message_id)
+    assert row["raw"] == raw and row["ack"] == b"ACK-" + raw
+    assert row["control_id"] == "A" and row["message_type"] == "ADT" and row["state"] == RECEIVED
+    assert row["size"] == len(raw) and len(row["sha256"]) == 64
+
+
+def test_identical_copy_is_answered_with_the_stored_ack_and_counted(store):
+    first = store.write([item("A", b"MSH|same")])[0]
+    copy = item("A", b"MSH|same")
+    copy.ack = b"a different answer"
+    again = store.write([copy])[0]
+    assert again.kind == DUPLICATE and again.message_id == first.message_id
+    assert again.ack == b"ACK-MSH|same"
+    assert store.count_messages() == 1
+    assert store.get_message(first.message_id)["duplicates"] == 1
+
+
+def test_copies_within_one_batch(store):
+    outcomes = store.write([item("A", b"MSH|x"), item("A", b"MSH|x"), item("A", b"MSH|y")])
+    assert [o.kind for o in outcomes] == [STORED, DUPLICATE, CONFLICT]
+    assert outcomes[1].message_id == outcomes[0].message_id
+    assert store.count_messages() == 2
+    assert store.get_message(outcomes[0].message_id)["duplicates"] == 1
+
+
+def test_same_control_id_other_content_is_recorded_as_rejected(store):
+    store.write([item("A", b"MSH|one")])
+    conflict = store.write([item("A", b"MSH|other")])[0]
+    assert conflict.kind == CONFLICT and conflict.ack == b"AE-conflict"
+    row = store.get_message(conflict.message_id)
+    assert row["state"] == REJECTED and "different content" in row["error"]
+    assert row["raw"] == b"MSH|other"
+
+
+def test_same_control_id_from_another_sender_is_not_a_duplicate(store):
+    store.write([item("A", b"MSH|one", app="LAB")])
+    other = store.write([item("A", b"MSH|one", app="ADT")])[0]
+    assert other.kind == STORED
+
+
+def test_duplicate_window(store):
+    old = utcnow() - timedelta(hours=2)
+    store.write([item("A", b"MSH|one")], now=old)
+    assert store.write([item("A", b"MSH|one")])[0].kind == STORED
+
+
+def test_rejected_messages_are_kept_and_never_duplicates(store):
+    a = store.write([item("", b"garbage", state=REJECTED, error="no MSH segment")])[0]
+    b = store.write([item("", b"garbage", state=REJECTED, error="no MSH segment")])[0]
+    assert a.kind == b.kind == STORED and a.message_id != b.message_id
+    assert store.count_messages(state=REJECTED) == 2
+
+
+def test_failed_transaction_stores_nothing_of_the_batch(store):
+    bad = item("B", b"MSH|two")
+    bad.listener = None  # NOT NULL violation: the whole batch must roll back
+    with pytest.raises(sa.exc.IntegrityError) as raised:
+        store.write([item("A", b"MSH|one"), bad])
+    assert store.count_messages() == 0
+    assert "MSH|" not in str(raised.value), "errors must not carry message content"
+
+
+def test_list_pages_newest_first(store):
+    ids = [o.message_id for o in store.write([item(f"C{i}", b"MSH|%d" % i) for i in range(5)])]
+    page = store.list_messages(limit=2)
+    assert [r["id"] for r in page] == ids[::-1][:2]
+    assert "raw" not in page[0]
+    assert [r["id"] for r in store.list_messages(limit=10, before_id=page[-1]["id"])] == ids[::-1][2:]
