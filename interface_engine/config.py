@@ -152,21 +152,21 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
     log_format = engine.str("log_format", "text", LOG_FORMATS)
     engine.done()
 
-    s = top.table("store")
+    s, d = top.table("store"), StoreConfig()
     store = StoreConfig(
-        url=os.environ.get("IE_STORE_URL") or s.str("url", StoreConfig.url),
-        duplicate_window=s.duration("duplicate_window", StoreConfig.duplicate_window),
-        max_batch=s.int("max_batch", StoreConfig.max_batch, 1, 100_000),
-        max_backlog=s.int("max_backlog", StoreConfig.max_backlog, 1),
+        url=os.environ.get("IE_STORE_URL") or s.str("url", d.url),
+        duplicate_window=s.duration("duplicate_window", d.duplicate_window),
+        max_batch=s.int("max_batch", d.max_batch, 1, 100_000),
+        max_backlog=s.int("max_backlog", d.max_backlog, 1),
     )
     s.done()
     if not store.url.startswith(("sqlite:", "postgresql")):
         s.fail("url", f"expected a sqlite:/// or postgresql+psycopg:// URL, got {store.url.split(':')[0]!r}")
 
-    h = top.table("hl7")
+    h, d = top.table("hl7"), HL7Config()
     hl7 = HL7Config(
-        default_charset=_codec(h, "default_charset", HL7Config.default_charset),
-        fallback_charset=_codec(h, "fallback_charset", HL7Config.fallback_charset),
+        default_charset=_codec(h, "default_charset", d.default_charset),
+        fallback_charset=_codec(h, "fallback_charset", d.fallback_charset),
     )
     h.done()
 
@@ -176,8 +176,7 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
         top.fail("listeners", "expected an array of tables ([[listeners]])")
     listeners = []
     for i, item in enumerate(raw_listeners):
-        ls = _Section(path, f"listeners[{i}]", item)
-        d = ListenerConfig
+        ls, d = _Section(path, f"listeners[{i}]", item), ListenerConfig(name="")
         listener = ListenerConfig(
             name=ls.str("name", f"listener-{i + 1}"),
             host=ls.str("host", d.host),

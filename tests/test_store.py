@@ -119,3 +119,9 @@ def test_list_pages_newest_first(store):
     assert [r["id"] for r in page] == ids[::-1][:2]
     assert "raw" not in page[0]
     assert [r["id"] for r in store.list_messages(limit=10, before_id=page[-1]["id"])] == ids[::-1][2:]
+
+
+def test_messages_without_control_id_are_never_duplicates(store):
+    outcomes = store.write([item("", b"MSH|x"), item("", b"MSH|x")])
+    assert [o.kind for o in outcomes] == [STORED, STORED]
+    assert store.write([item("", b"MSH|x")])[0].kind == STORED

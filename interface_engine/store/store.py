@@ -176,7 +176,7 @@ class Store:
             copies: dict[int, _Original | int] = {}
             rows, slots, conflicts = [], [], set()
             for i, item in enumerate(batch):
-                if item.state == RECEIVED:
+                if item.state == RECEIVED and item.control_id:  # no id, no way to recognise a copy
                     key = item.key()
                     original = earlier.get(key)
                     if original is None:
