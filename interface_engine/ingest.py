@@ -16,7 +16,7 @@ from itertools import count
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import hl7
+from . import hl7, log as logging
 from .config import HL7Config, ListenerConfig
 from .store import CONFLICT, DUPLICATE, RECEIVED, REJECTED, GroupCommitter, Incoming, Outcome
 
@@ -108,7 +108,8 @@ class Ingest:
                      id=outcome.message_id, peer=peer, reason=item.error)
         else:
             self.counts["received"] += 1
-            log.debug("stored {type}^{trigger} {control_id!r} from {peer} as message {id}",
-                      type=item.message_type, trigger=item.trigger_event,
-                      control_id=item.control_id, peer=peer, id=outcome.message_id)
+            if logging.debug_enabled:
+                log.debug("stored {type}^{trigger} {control_id!r} from {peer} as message {id}",
+                          type=item.message_type, trigger=item.trigger_event,
+                          control_id=item.control_id, peer=peer, id=outcome.message_id)
         return outcome.ack

@@ -12,6 +12,9 @@ from datetime import datetime, timezone
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
                             formatEvent, globalLogBeginner, textFileLogObserver)
 
+#: Per-message events are built only when someone will read them.
+debug_enabled = False
+
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
            "error": LogLevel.error, "critical": LogLevel.critical}
 
@@ -33,6 +36,8 @@ def json_lines_observer(stream):
 
 
 def start(level: str = "info", fmt: str = "text", stream=None):
+    global debug_enabled
+    debug_enabled = level == "debug"
     stream = stream or sys.stderr
     observer = json_lines_observer(stream) if fmt == "json" else textFileLogObserver(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])

@@ -76,6 +76,10 @@ class Steady:
 
     def __enter__(self):
         self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.answers and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.01)  # connected and served before the abuse starts
+        assert self.answers, self.errors
         return self
 
     def __exit__(self, *exc):

@@ -56,13 +56,15 @@ class MLLPReceiver(protocol.Protocol, TimeoutMixin):
                 self.discarded += start
                 del buffer[:start + 1]
                 self._in_frame, self._scan = True, 0
-                self._frame_timer = self.callLater(self.FRAME_TIMEOUT, self._frameDeadline)
             end = buffer.find(END_BLOCK, self._scan)
             if end < 0 or end > self.MAX_LENGTH:
                 if len(buffer) > self.MAX_LENGTH:
                     self._break(lambda: self.lengthLimitExceeded(bytes(buffer[:self.MAX_LENGTH])))
                 else:
                     self._scan = max(0, len(buffer) - 1)
+                    if self._frame_timer is None:
+                        # Only a frame that spans reads needs a deadline; most arrive whole.
+                        self._frame_timer = self.callLater(self.FRAME_TIMEOUT, self._frameDeadline)
                 return
             payload = bytes(buffer[:end])
             del buffer[:end + 2]
