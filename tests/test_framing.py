@@ -97,3 +97,13 @@ def test_deadline_is_per_frame():
         clock.advance(3)
     assert p.timeouts == 0 and not transport.disconnecting
     assert len(p.frames) == 4
+
+
+def test_idle_connection_times_out_and_data_resets_the_clock():
+    p, transport, clock = connect()
+    clock.advance(59)
+    p.dataReceived(b"\x0bA\x1c\x0d")
+    clock.advance(59)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting

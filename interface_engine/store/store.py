@@ -83,7 +83,9 @@ def create_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, hide_parameters=True)
+    # Named, so that an operator can tell the engine's sessions apart in pg_stat_activity.
+    return sa.create_engine(url, pool_pre_ping=True, hide_parameters=True,
+                            connect_args={"application_name": "interface-engine"})
 
 
 def _sqlite_pragmas(dbapi_connection, _record):
