@@ -251,9 +251,7 @@ def upgrade(config_path):
     from .store import Store
 
     config = config_module.load(config_path)
-    path = config_module.sqlite_path(config.store.url)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config_module.prepare_sqlite_file(config.store.url)
     store = Store(config.store.url)
     before, after = store.upgrade()
     store.close()

@@ -214,3 +214,16 @@ def sqlite_path(url: str) -> Path | None:
     if not url.startswith("sqlite:///") or url in ("sqlite://", "sqlite:///:memory:"):
         return None
     return Path(url[len("sqlite:///"):].split("?", 1)[0])
+
+
+def prepare_sqlite_file(url: str):
+    """Create a SQLite store's folder (0700) and file (0600) before SQLite does.
+
+    The store holds patient data: it must not be readable by other users whatever
+    the umask. SQLite gives its -wal and -shm files the main file's permissions.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))

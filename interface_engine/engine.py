@@ -13,7 +13,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .config import EngineConfig, sqlite_path
+from .config import EngineConfig, prepare_sqlite_file
 from .ingest import Ingest
 from .mllp.listener import ListenerService, MLLPListenerFactory
 from .store import GroupCommitter, Store
@@ -40,9 +40,7 @@ class Engine(service.MultiService):
         # milliseconds to every ACK.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         config = self.config
-        path = sqlite_path(config.store.url)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_sqlite_file(config.store.url)
         self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window)
         self.store.check_schema()
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)

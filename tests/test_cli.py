@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from interface_engine.mllp import MLLPClient
 from tests.messages import adt_a01
 
 
@@ -121,3 +122,14 @@ def test_unreachable_postgres_is_one_line(tmp_path):
 def test_python_m_and_console_script_are_the_same_command():
     result = cli("--help")
     assert result.returncode == 0 and "messages" in result.stdout and "send" in result.stdout
+
+
+def test_store_files_are_private(engine_factory, tmp_path):
+    import stat
+
+    engine = engine_factory()
+    with MLLPClient("127.0.0.1", engine.port) as c:
+        c.send(adt_a01("PERM1"))
+    for name in ("store.db", "store.db-wal"):
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode == 0o600, f"{name} is {oct(mode)}"

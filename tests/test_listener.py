@@ -227,3 +227,24 @@ def test_sigterm_answers_what_is_stored_and_exits_zero(engine):
         with pytest.raises(MLLPError):
             c.send(adt_a01("AFTER"))
     assert "engine stopped" in engine.log()
+
+
+def test_connections_over_the_listener_cap_are_refused(engine_factory):
+    engine = engine_factory(listener={"max_connections": 3, "max_connections_per_peer": 2})
+
+    def from_address(host):
+        s = socket.socket()
+        s.bind((host, 0))  # distinct loopback addresses are distinct peers
+        s.connect(("127.0.0.1", engine.port))
+        return s
+
+    held = [from_address("127.0.0.1"), from_address("127.0.0.2"), from_address("127.0.0.3")]
+    extra = from_address("127.0.0.4")
+    assert closed_by_peer(extra, timeout=3)
+    for i, s in enumerate(held):
+        s.sendall(b"\x0b" + adt_a01(f"CAP{i}") + b"\x1c\x0d")
+        assert msa(read_frames(s, 1)[0])[:2] == ("AA", f"CAP{i}")
+        s.close()
+    extra.close()
+    assert engine.stop() == 0
+    assert "is at its cap of 3" in engine.log()

@@ -133,6 +133,7 @@ class MLLPListenerProtocol(MLLPReceiver):
 
 class MLLPListenerFactory(protocol.Factory):
     protocol = MLLPListenerProtocol
+    noisy = False  # the listener logs its own start, with its name
 
     def __init__(self, config: ListenerConfig, ingest, committer, max_backlog: int):
         self.config = config
