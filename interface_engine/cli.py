@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -79,7 +81,31 @@ def run(config_path):
         raise Failure(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
                       f"{getattr(e.socketError, 'strerror', None) or e.socketError}") from None
     reactor.addSystemEventTrigger("before", "shutdown", engine.stopService)
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(engine.reload))
     reactor.run()
+
+
+@main.command()
+@config_option
+@user_errors
+def reload(config_path):
+    """Ask the running engine to re-read its channel files (the same as SIGHUP).
+
+    The files are checked first: a set that does not validate is not sent, and the
+    engine keeps running what it has.
+    """
+    from .engine import load_channel_set
+
+    config = config_module.load(config_path)
+    channels, _ = load_channel_set(config)
+    try:
+        pid = int(Path(config.pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        raise Failure(f"no running engine found through {config.pid_file} "
+                      "(start one with `interface-engine run`)") from None
+    click.echo(f"reload requested: engine pid {pid}, {len(channels)} valid channel(s); "
+               "its log says when they are applied")
 
 
 @main.command()
@@ -125,9 +151,6 @@ def send(files, host, port, timeout, raw):
         sys.exit(EXIT_FAILED)
 
 
-_SEGMENT_START = re.compile(rb"(?:^|(?<=[\r\n]))(?=MSH|FHS|BHS)")
-
-
 def split_file(data: bytes, keep_bytes: bool = False) -> list[bytes]:
     """The frames to send for one file: a batch whole, otherwise one frame per MSH."""
     from . import hl7
@@ -136,12 +159,7 @@ def split_file(data: bytes, keep_bytes: bool = False) -> list[bytes]:
         data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
     if hl7.is_batch(data):
         return [data]
-    starts = [m.start() for m in _SEGMENT_START.finditer(data)]
-    if not starts:
-        return [data] if data.strip() else []
-    if not keep_bytes:
-        starts[0] = 0  # keep a BOM or leading junk with the first message: the engine judges it
-    return [data[a:b] for a, b in zip(starts, starts[1:] + [len(data)]) if data[a:b].strip()]
+    return [part for part in hl7.split_file(data) if part.strip()]
 
 
 def acknowledgements(answer: bytes) -> list[tuple[str, str, str]]:
@@ -157,6 +175,75 @@ def acknowledgements(answer: bytes) -> list[tuple[str, str, str]]:
             continue
         result.append((ack["MSA-1"], ack["MSA-2"], ack["MSA-3"]))
     return result or [("??", "", "empty answer")]
+
+
+@main.group()
+def channels():
+    """Check and try out channel files."""
+
+
+def _channel_set(config_path, paths=()):
+    from .channels.config import load_channels
+    from .channels.templating import Mappings
+
+    config = config_module.load(config_path)
+    mappings = Mappings(config.channels.mappings)
+    return config, load_channels(config, paths or None, checker=mappings), mappings
+
+
+@channels.command("validate")
+@click.argument("paths", nargs=-1, type=click.Path(dir_okay=False))
+@config_option
+@user_errors
+def channels_validate(paths, config_path):
+    """Check channel files (default: the whole channels directory) without starting anything."""
+    _, loaded, _ = _channel_set(config_path, paths)
+    if not loaded:
+        raise Failure("no channel files found (put one channel per .toml file in the channels directory)")
+    for channel in loaded:
+        click.echo(f"ok  {channel.name}  ({channel.file}: {len(channel.destinations)} destination(s))")
+
+
+@channels.command("test")
+@click.argument("channel")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, exists=True))
+@config_option
+@click.option("--update", is_flag=True, help="Write what the channel produces now as the expected outputs.")
+@user_errors
+def channels_test(channel, files, config_path, update):
+    """Dry-run CHANNEL: on FILES, print what it would do; without FILES, run its test cases.
+
+    Nothing is stored or sent. Exits 1 if anything errored or a test case does not match.
+    """
+    from .channels.testing import cases_folder, dry_run, run_cases, show
+
+    config, loaded, mappings = _channel_set(config_path)
+    found = next((c for c in loaded if c.name == channel), None)
+    if found is None:
+        names = ", ".join(c.name for c in loaded) or "none"
+        raise Failure(f"no channel named {channel!r} (channels: {names})")
+    charsets = {"default_charset": config.hl7.default_charset,
+                "fallback_charset": config.hl7.fallback_charset}
+    failed = False
+    if files:
+        for name in files:
+            for report in dry_run(found, mappings, Path(name).read_bytes(), name, charsets):
+                click.echo(show(report))
+                failed |= report.failed
+    else:
+        results = run_cases(found, mappings, update=update, charsets=charsets)
+        if not results:
+            raise Failure(f"no test cases for {channel} in {cases_folder(found)} "
+                          "(one folder per case, holding input.hl7)")
+        for result in results:
+            click.echo(f"{'FAIL' if result.problems else 'ok  '}  {result.name}"
+                       + ("  (expected outputs written)" if update else ""))
+            for problem in result.problems:
+                click.echo(problem)
+            failed |= bool(result.problems)
+        click.echo(f"{sum(not r.problems for r in results)} passed, {sum(bool(r.problems) for r in results)} failed")
+    if failed:
+        sys.exit(EXIT_FAILED)
 
 
 @main.group()
@@ -222,6 +309,22 @@ def messages_show(message_id, config_path, raw):
     if row["ack"]:
         click.echo("\nanswer sent:")
         click.echo(_printable(row["ack"]))
+    for d in store.deliveries_of(message_id):
+        where = f" -> {d['target']}" if d["target"] else ""
+        click.echo(f"\ndelivery {d['id']}: {d['destination']}  {d['state']}  "
+                   f"attempts={d['attempts']}{where}")
+        if d["state"] in ("queued", "error") and d["next_attempt_at"]:
+            click.echo(f"  next attempt at {d['next_attempt_at'].isoformat()}Z")
+        for a in d["attempt_log"]:
+            click.echo(f"  {a['started_at'].isoformat()}Z  {a['duration_ms']:8.1f} ms  {a['outcome']}"
+                       + (f"  {a['error']}" if a["error"] else ""))
+            if a["response"]:
+                click.echo(_printable(a["response"]).replace("\n", "\n  "))
+        if d["state"] == "filtered" or (d["last_error"] and not d["attempt_log"]):
+            click.echo(f"  {d['last_error']}")
+        if d["output"] is not None:
+            click.echo("  output:")
+            click.echo(_printable(d["output"]).replace("\n", "\n  "))
 
 
 def _printable(data: bytes) -> str:

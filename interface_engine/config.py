@@ -53,12 +53,20 @@ class HL7Config:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelsConfig:
+    directory: str = "channels"
+    mappings: str = "mappings"
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     path: str
     log_level: str = "info"
     log_format: str = "text"
+    pid_file: str = "var/engine.pid"
     store: StoreConfig = field(default_factory=StoreConfig)
     hl7: HL7Config = field(default_factory=HL7Config)
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
     listeners: tuple[ListenerConfig, ...] = ()
 
 
@@ -66,13 +74,13 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-class _Section:
+class Section:
     """Reads one TOML table, checking types and remembering which keys were used."""
 
     def __init__(self, path: str, prefix: str, data: object):
         self.path, self.prefix = path, prefix
         if not isinstance(data, dict):
-            self.fail("", f"expected a table, got {_kind(data)}")
+            self.fail("", f"expected a table, got {kind_of(data)}")
         self.data: dict = data
         self.used: set[str] = set()
 
@@ -85,9 +93,12 @@ class _Section:
         return self.data.get(key, default)
 
     def str(self, key, default, choices=None):
+        """A non-empty string; `default=None` makes the key required."""
         value = self._get(key, default)
+        if value is None:
+            self.fail(key, "required key is missing" + (f" (one of {', '.join(choices)})" if choices else ""))
         if not isinstance(value, str) or not value:
-            self.fail(key, f"expected a non-empty string, got {_kind(value)}")
+            self.fail(key, f"expected a non-empty string, got {kind_of(value)}")
         if choices and value not in choices:
             self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
@@ -95,10 +106,34 @@ class _Section:
     def int(self, key, default, minimum=1, maximum=None):
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(key, f"expected an integer, got {_kind(value)}")
+            self.fail(key, f"expected an integer, got {kind_of(value)}")
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             self.fail(key, f"expected an integer {bound}, got {value}")
+        return value
+
+    def text(self, key, default):
+        """An optional string: `default` when absent, a non-empty string when given."""
+        if key not in self.data:
+            self.used.add(key)
+            return default
+        value = self._get(key, default)
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, f"expected a non-empty string, got {kind_of(value)}")
+        return value
+
+    def bool(self, key, default):
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {kind_of(value)}")
+        return value
+
+    def strings(self, key, default):
+        value = self._get(key, default)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            self.fail(key, f"expected a list of strings, got {kind_of(value)}")
         return value
 
     def duration(self, key, default):
@@ -116,7 +151,7 @@ class _Section:
 
     def table(self, key):
         self.used.add(key)
-        return _Section(self.path, f"{self.prefix}.{key}" if self.prefix else key, self.data.get(key, {}))
+        return Section(self.path, f"{self.prefix}.{key}" if self.prefix else key, self.data.get(key, {}))
 
     def done(self):
         unknown = sorted(set(self.data) - self.used)
@@ -124,7 +159,7 @@ class _Section:
             self.fail(unknown[0], "unknown key (check its spelling against docs/configuration.md)")
 
 
-def _kind(value) -> str:
+def kind_of(value) -> str:
     return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
 
@@ -145,11 +180,12 @@ def load(path: str | os.PathLike) -> EngineConfig:
 
 
 def parse(data: dict, path: str = "<config>") -> EngineConfig:
-    top = _Section(path, "", data)
+    top = Section(path, "", data)
 
     engine = top.table("engine")
     log_level = engine.str("log_level", "info", LOG_LEVELS)
     log_format = engine.str("log_format", "text", LOG_FORMATS)
+    pid_file = engine.str("pid_file", "var/engine.pid")
     engine.done()
 
     s, d = top.table("store"), StoreConfig()
@@ -170,35 +206,47 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
     )
     h.done()
 
+    c, d = top.table("channels"), ChannelsConfig()
+    channels = ChannelsConfig(directory=c.str("directory", d.directory),
+                              mappings=c.str("mappings", d.mappings))
+    c.done()
+
     top.used.add("listeners")
     raw_listeners = data.get("listeners", [])
     if not isinstance(raw_listeners, list):
         top.fail("listeners", "expected an array of tables ([[listeners]])")
     listeners = []
     for i, item in enumerate(raw_listeners):
-        ls, d = _Section(path, f"listeners[{i}]", item), ListenerConfig(name="")
-        listener = ListenerConfig(
-            name=ls.str("name", f"listener-{i + 1}"),
-            host=ls.str("host", d.host),
-            port=ls.int("port", d.port, 0, 65535),
-            ack_mode=ls.str("ack_mode", d.ack_mode, ACK_MODES),
-            max_frame=ls.int("max_frame", d.max_frame, 64),
-            frame_timeout=ls.duration("frame_timeout", d.frame_timeout),
-            idle_timeout=ls.duration("idle_timeout", d.idle_timeout),
-            max_connections=ls.int("max_connections", d.max_connections),
-            max_connections_per_peer=ls.int("max_connections_per_peer", d.max_connections_per_peer),
-            max_pending_per_connection=ls.int("max_pending_per_connection", d.max_pending_per_connection),
-        )
+        ls = Section(path, f"listeners[{i}]", item)
+        listener = read_listener(ls, ls.str("name", f"listener-{i + 1}"))
         ls.done()
         if any(other.name == listener.name for other in listeners):
             ls.fail("name", f"expected a unique listener name, {listener.name!r} is used twice")
         listeners.append(listener)
     top.done()
-    return EngineConfig(path=path, log_level=log_level, log_format=log_format,
-                        store=store, hl7=hl7, listeners=tuple(listeners))
+    return EngineConfig(path=path, log_level=log_level, log_format=log_format, pid_file=pid_file,
+                        store=store, hl7=hl7, channels=channels, listeners=tuple(listeners))
 
 
-def _codec(section: _Section, key: str, default: str) -> str:
+def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> ListenerConfig:
+    """The listener keys, shared by engine.toml's [[listeners]] and a channel's own [source]."""
+    d = ListenerConfig(name=name)
+    return ListenerConfig(
+        name=name,
+        host=section.str("host", d.host),
+        port=section.int("port", d.port, 0, 65535),
+        ack_mode=section.str("ack_mode", d.ack_mode, ACK_MODES) if ack_mode else d.ack_mode,
+        max_frame=section.int("max_frame", d.max_frame, 64),
+        frame_timeout=section.duration("frame_timeout", d.frame_timeout),
+        idle_timeout=section.duration("idle_timeout", d.idle_timeout),
+        max_connections=section.int("max_connections", d.max_connections),
+        max_connections_per_peer=section.int("max_connections_per_peer", d.max_connections_per_peer),
+        max_pending_per_connection=section.int("max_pending_per_connection",
+                                               d.max_pending_per_connection),
+    )
+
+
+def _codec(section: Section, key: str, default: str) -> str:
     import codecs
 
     name = section.str(key, default)

@@ -1,19 +1,33 @@
-"""The engine as a Twisted MultiService: the store's writer, then one service per listener.
+"""The engine as a Twisted MultiService: store writer, channel runtime, listeners, directory sources.
 
 Shutdown runs in the order the durable-ACK contract needs: stop accepting, stop
 reading, let the commits in flight finish, send the answers for what was stored,
-close the connections, end the writer thread, close the store.
+close the connections, let each destination finish its attempt in flight, end the
+writer thread, close the store.
+
+Reload (SIGHUP or `interface-engine reload`) re-reads the channel files. A set that
+does not validate is refused whole and the running one stays. A valid one applies
+channel by channel: a listener whose settings did not change keeps its connections
+and only learns its new routes; a destination whose settings did not change keeps
+its worker and its connection.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from .config import EngineConfig, prepare_sqlite_file
+from .channels.config import ChannelConfig, load_channels
+from .channels.directory import DirectorySource
+from .channels.runtime import ChannelRuntime
+from .channels.templating import Mappings
+from .config import ConfigError, EngineConfig, ListenerConfig, prepare_sqlite_file
 from .ingest import Ingest
 from .mllp.listener import ListenerService, MLLPListenerFactory
 from .store import GroupCommitter, Store
@@ -21,7 +35,16 @@ from .store import GroupCommitter, Store
 log = Logger()
 
 SHUTDOWN_GRACE = 10.0
+# The reactor and the writer thread hand the GIL to each other once per batch;
+# with Python's default 5 ms switch interval that hand-over alone can add
+# milliseconds to every ACK.
 GIL_SWITCH_INTERVAL = 0.0005
+
+
+def load_channel_set(config: EngineConfig) -> tuple[list[ChannelConfig], Mappings]:
+    """The channels directory, checked whole against its mappings; raises ConfigError."""
+    mappings = Mappings(config.channels.mappings)
+    return load_channels(config, checker=mappings), mappings
 
 
 class Engine(service.MultiService):
@@ -31,62 +54,141 @@ class Engine(service.MultiService):
         self.reactor = reactor
         self.store: Store | None = None
         self.committer: GroupCommitter | None = None
-        self.listeners: list[ListenerService] = []
+        self.runtime: ChannelRuntime | None = None
+        self.listeners: dict[str, ListenerService] = {}
+        self.sources: dict[str, DirectorySource] = {}
+        self.channels: list[ChannelConfig] = []
+
+    @property
+    def charsets(self) -> dict:
+        return {"default_charset": self.config.hl7.default_charset,
+                "fallback_charset": self.config.hl7.fallback_charset}
 
     def startService(self):
-        """Open the store and bind every port; raises StoreError or CannotListenError."""
-        # The reactor and the writer thread hand the GIL to each other once per batch;
-        # with Python's default 5 ms switch interval that hand-over alone can add
-        # milliseconds to every ACK.
+        """Open the store, load the channels and bind every port; raises on what a user must fix."""
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         config = self.config
+        self.channels, mappings = load_channel_set(config)
         prepare_sqlite_file(config.store.url)
         self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window)
         self.store.check_schema()
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
         self.committer.start()
-        for listener in config.listeners:
-            ingest = Ingest(self.committer, listener, config.hl7)
-            factory = MLLPListenerFactory(listener, ingest, self.committer, config.store.max_backlog)
-            svc = ListenerService(factory, self.reactor)
-            svc.setServiceParent(self)
-            self.listeners.append(svc)
+        self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets)
         try:
+            self._arrange(self.channels)
             super().startService()
         except Exception:
-            for svc in self.listeners:
+            for svc in self.listeners.values():
                 if svc.port is not None:
                     svc.port.stopListening()
             self.committer.stop()
             raise
-        log.info("engine started: {count} listener(s), store {kind}",
-                 count=len(self.listeners), kind=config.store.url.split(":")[0])
+        self.runtime.start()
+        self._write_pid()
+        log.info("engine started: {listeners} listener(s), {channels} channel(s), store {kind}",
+                 listeners=len(self.listeners), channels=len(self.channels),
+                 kind=config.store.url.split(":")[0])
+
+    def _listener_configs(self, channels: list[ChannelConfig]) -> dict[str, tuple[ListenerConfig, list]]:
+        wanted = {listener.name: (listener, []) for listener in self.config.listeners}
+        for channel in channels:
+            if not channel.enabled or channel.source.type != "mllp":
+                continue
+            if channel.source.listener is not None:
+                wanted[channel.source.listener][1].append(channel)
+            else:
+                own = channel.source.own_listener
+                wanted.setdefault(own.name, (own, []))[1].append(channel)
+        return wanted
+
+    def _arrange(self, channels: list[ChannelConfig]):
+        """Make listeners and directory sources match `channels`, keeping what did not change."""
+        wanted = self._listener_configs(channels)
+        for name in list(self.listeners):
+            svc = self.listeners[name]
+            if name not in wanted or wanted[name][0] != svc.factory.config:
+                del self.listeners[name]
+                svc.disownServiceParent()
+                svc.factory.closeAll()
+        for name, (listener, routes) in wanted.items():
+            if name in self.listeners:
+                self.listeners[name].factory.ingest.routes = tuple(routes)
+                continue
+            ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, routes)
+            factory = MLLPListenerFactory(listener, ingest, self.committer, self.config.store.max_backlog)
+            svc = ListenerService(factory, self.reactor)
+            self.listeners[name] = svc
+            svc.setServiceParent(self)
+        directories = {c.name: c for c in channels if c.enabled and c.source.type == "directory"}
+        for name in list(self.sources):
+            if name not in directories or directories[name] != self.sources[name].channel:
+                self.sources.pop(name).disownServiceParent()
+        for name, channel in directories.items():
+            if name not in self.sources:
+                listener = ListenerConfig(name=f"directory:{name}")
+                ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, [channel])
+                source = DirectorySource(channel, ingest, self.reactor)
+                self.sources[name] = source
+                source.setServiceParent(self)
+
+    def reload(self):
+        """Re-read the channel files; keep the running set if the new one does not validate."""
+        try:
+            channels, mappings = load_channel_set(self.config)
+            self._arrange(channels)
+        except (ConfigError, OSError, CannotListenError) as e:
+            log.error("reload refused, the running channels stay: {error}", error=str(e))
+            return False
+        self.channels = channels
+        self.runtime.reload(channels, mappings)
+        log.info("reloaded: {count} channel(s)", count=len(channels))
+        return True
+
+    def _write_pid(self):
+        path = Path(self.config.pid_file)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(f"{os.getpid()}\n")
 
     @defer.inlineCallbacks
     def stopService(self):
         service.Service.stopService(self)
         log.info("stopping: no new connections; answering what is stored")
-        yield defer.DeferredList([svc.stopAccepting() for svc in self.listeners])
-        for svc in self.listeners:
+        listeners = list(self.listeners.values())
+        yield defer.DeferredList([svc.stopAccepting() for svc in listeners] +
+                                 [defer.maybeDeferred(s.stopService) for s in self.sources.values()])
+        for svc in listeners:
             for p in list(svc.factory.connections):
                 p.pause("shutdown")
         if self.committer is not None:
             yield self.committer.drained()
-        closing = defer.DeferredList([svc.factory.closeAll() for svc in self.listeners])
+        closing = defer.DeferredList([svc.factory.closeAll() for svc in listeners])
         closing.addTimeout(SHUTDOWN_GRACE, self.reactor)
         try:
             yield closing
         except defer.TimeoutError:
             log.warn("some connections did not close within {s}s; dropping them", s=SHUTDOWN_GRACE)
-            for svc in self.listeners:
+            for svc in listeners:
                 for p in list(svc.factory.connections):
                     p.transport.abortConnection()
+        if self.runtime is not None:
+            stopping = self.runtime.stop()
+            stopping.addTimeout(SHUTDOWN_GRACE, self.reactor)
+            try:
+                yield stopping
+            except defer.TimeoutError:
+                log.warn("destinations did not finish within {s}s; their attempts in flight are "
+                         "made again at the next start", s=SHUTDOWN_GRACE)
         if self.committer is not None:
             yield self.committer.stop()
-        for svc in self.listeners:
+        for svc in listeners:
             counts = dict(svc.factory.ingest.counts) | dict(svc.factory.counts)
             log.info("listener {name}: {counts}", name=svc.factory.config.name,
                      counts=", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "idle")
         if self.store is not None:
             self.store.close()
+        try:
+            os.unlink(self.config.pid_file)
+        except OSError:
+            pass
         log.info("engine stopped")

@@ -18,7 +18,8 @@ from twisted.logger import Logger
 
 from . import hl7, log as logging
 from .config import HL7Config, ListenerConfig
-from .store import CONFLICT, DUPLICATE, RECEIVED, REJECTED, GroupCommitter, Incoming, Outcome
+from .store import (CONFLICT, DUPLICATE, RECEIVED, REJECTED, STORED, GroupCommitter, Incoming,
+                    Outcome)
 
 log = Logger()
 
@@ -35,13 +36,32 @@ class ControlIds:
 
 
 class Ingest:
-    def __init__(self, committer: GroupCommitter, listener: ListenerConfig, charsets: HL7Config):
+    """One listener's (or directory's) way into the store.
+
+    `routes` are the channels fed by this listener, in the order a message is offered
+    to them; with none, messages are stored only. `runtime` takes what was stored.
+    """
+
+    def __init__(self, committer: GroupCommitter, listener: ListenerConfig, charsets: HL7Config,
+                 runtime=None, routes=()):
         self.committer = committer
         self.listener = listener.name
         self.charsets = {"default_charset": charsets.default_charset,
                          "fallback_charset": charsets.fallback_charset}
         self.control_ids = ControlIds()
         self.counts: Counter = Counter()
+        self.runtime = runtime
+        self.routes = tuple(routes)
+
+    def route(self, header):
+        """The channel that takes this message here, or an HL7Error saying none does."""
+        if not self.routes:
+            return None, None
+        for channel in self.routes:
+            if channel.accepts(header.message_type, header.trigger_event):
+                return channel, None
+        kind = f"{header.message_type}^{header.trigger_event}".rstrip("^")
+        return None, hl7.HL7Error("200", f"no channel on listener {self.listener} takes {kind} messages")
 
     def receive(self, payload: bytes, peer: str) -> defer.Deferred:
         """Store what the frame holds; the Deferred fires with the answer to send."""
@@ -50,9 +70,13 @@ class Ingest:
             if parts:
                 answers = [self._message(part, peer) for part in parts]
                 d = defer.gatherResults(answers, consumeErrors=True)
-                d.addCallback(lambda acks: hl7.build_batch_ack(payload, acks))
+                d.addCallback(lambda results: hl7.build_batch_ack(payload, [ack for ack, _ in results]))
                 return d
-        return self._message(payload, peer)
+        return self._message(payload, peer).addCallback(lambda result: result[0])
+
+    def store(self, raw: bytes, peer: str) -> defer.Deferred:
+        """Store one message that did not come over MLLP; fires with (answer, Outcome)."""
+        return self._message(raw, peer)
 
     def oversized(self, head: bytes, peer: str, limit: int) -> bytes:
         """The AR for a frame over the size limit; nothing of it is stored."""
@@ -65,7 +89,9 @@ class Ingest:
 
     def _message(self, raw: bytes, peer: str) -> defer.Deferred:
         header = hl7.peek(raw, **self.charsets)
-        error = header.error
+        error, channel = header.error, None
+        if error is None:
+            channel, error = self.route(header)
         if error is None:
             ack = hl7.build_ack(header, hl7.ack_code(header, "accept"), control_id=self.control_ids())
         else:
@@ -80,18 +106,36 @@ class Ingest:
             receiving_facility=header.receiving_facility,
             message_type=header.message_type, trigger_event=header.trigger_event,
             control_id=header.control_id, version=header.version,
+            channel=channel.name if channel else None,
             conflict_ack=lambda: self._conflict_ack(header),
         )
         d = self.committer.submit(item)
         d.addCallback(self._stored, item, peer)
+        if channel is not None and channel.source.ack_mode == "processed":
+            d.addCallback(self._processed, item, header, channel)
         return d
+
+    def _processed(self, stored: tuple, item: Incoming, header, channel) -> defer.Deferred | bytes:
+        """ack_mode = "processed": answer with what the destinations made of it."""
+        ack, outcome = stored
+        if outcome.kind != STORED or item.state != RECEIVED:
+            return stored
+        d = self.runtime.outcome(outcome.message_id, channel.source.processed_timeout)
+
+        def answer(result):
+            ok, reason = result
+            if ok:
+                return hl7.build_ack(header, "AA", control_id=self.control_ids()), outcome
+            return hl7.build_ack(header, "AE", control_id=self.control_ids(),
+                                 reason=reason or "not delivered", error_code="207"), outcome
+        return d.addCallback(answer)
 
     def _conflict_ack(self, header) -> bytes:
         return hl7.build_ack(header, hl7.ack_code(header, "error"), control_id=self.control_ids(),
                              reason="message control id already received with different content",
                              error_code="207")
 
-    def _stored(self, outcome: Outcome, item: Incoming, peer: str) -> bytes:
+    def _stored(self, outcome: Outcome, item: Incoming, peer: str) -> tuple[bytes, Outcome]:
         if outcome.kind == DUPLICATE:
             self.counts["duplicates"] += 1
             log.info("duplicate {type}^{trigger} {control_id!r} from {peer}: answered as message {id}",
@@ -112,4 +156,6 @@ class Ingest:
                 log.debug("stored {type}^{trigger} {control_id!r} from {peer} as message {id}",
                           type=item.message_type, trigger=item.trigger_event,
                           control_id=item.control_id, peer=peer, id=outcome.message_id)
-        return outcome.ack
+            if item.channel is not None and self.runtime is not None:
+                self.runtime.received(outcome.message_id, item.raw, item.channel)
+        return outcome.ack, outcome

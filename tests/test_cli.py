@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -11,8 +12,9 @@ from tests.messages import adt_a01
 
 
 def cli(*args, cwd=None, timeout=60):
+    """Run the command as a user would, by default from an empty folder of its own."""
     return subprocess.run([sys.executable, "-m", "interface_engine", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=timeout)
+                          capture_output=True, text=True, cwd=cwd or tempfile.mkdtemp(), timeout=timeout)
 
 
 def assert_one_line_error(result, *fragments):
@@ -77,10 +79,10 @@ def test_db_upgrade_creates_then_reports_current(tmp_path):
     config = tmp_path / "engine.toml"
     config.write_text('[store]\nurl = "sqlite:///var/s.db"\n')
     first = cli("db", "upgrade", "--config", config, cwd=tmp_path)
-    assert first.returncode == 0 and "to 0001" in first.stdout
+    assert first.returncode == 0 and "from revision none to 0002" in first.stdout
     assert (tmp_path / "var" / "s.db").exists()
     again = cli("db", "upgrade", "--config", config, cwd=tmp_path)
-    assert "already at revision 0001" in again.stdout
+    assert "already at revision 0002" in again.stdout
 
 
 @pytest.mark.parametrize("text, fragments", [

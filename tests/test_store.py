@@ -26,7 +26,26 @@ def store(store_url):
 
 def test_empty_database_is_upgraded_and_then_current(store):
     current, head = store.revisions()
-    assert current == head == "0001"
+    assert current == head == "0002"
+
+
+def test_upgrade_from_0001_keeps_the_messages(store_url):
+    from alembic import command
+
+    s = Store(store_url)
+    with s.engine.begin() as conn:
+        command.upgrade(s._alembic(conn), "0001")
+    with s.engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO messages (received_at, listener, peer, state, sending_application, "
+            "sending_facility, receiving_application, receiving_facility, message_type, trigger_event, "
+            "control_id, version, size, sha256, raw) VALUES (:t, 'l', 'p', 'received', 'A', 'F', '', '', "
+            "'ADT', 'A01', 'OLD1', '2.5', 3, 'x', :raw)"), {"t": utcnow(), "raw": b"MSH"})
+    with pytest.raises(StoreError, match="db upgrade"):
+        s.check_schema()
+    assert s.upgrade() == ("0001", "0002")
+    row = s.list_messages(limit=1)[0]
+    assert row["control_id"] == "OLD1" and row["channel"] is None
 
 
 def test_outdated_database_is_refused_with_what_to_do(store_url):

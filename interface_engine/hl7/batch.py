@@ -49,3 +49,21 @@ def batch_header_lines(raw: bytes, encoding: str) -> dict[str, str]:
         if line[:3] in (b"FHS", b"BHS"):
             lines.setdefault(line[:3].decode("ascii"), decode(line, encoding))
     return lines
+
+
+_MESSAGE_START = re.compile(rb"(?:^|(?<=[\r\n]))(?=MSH)")
+
+
+def split_file(data: bytes) -> list[bytes]:
+    """The messages of a file as exact byte slices: a batch's messages, or one per MSH.
+
+    Anything before the first MSH (a BOM, a blank line) stays with the first message,
+    so that nothing of the input is lost; a file without MSH is one (bad) message.
+    """
+    if is_batch(data):
+        return split_messages(data)
+    starts = [m.start() for m in _MESSAGE_START.finditer(data)]
+    if not starts:
+        return [data] if data.strip() else []
+    starts[0] = 0
+    return [data[a:b] for a, b in zip(starts, starts[1:] + [len(data)])]

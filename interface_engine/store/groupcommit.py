@@ -9,6 +9,12 @@ positive ACK for anything in it.
 The reactor passes on what it received in one loop iteration as one hand-over, at
 the end of the iteration: woken by the first frame of sixteen, the writer would
 otherwise commit that one alone and the other fifteen in a second transaction.
+
+Other work on the store (a channel's processing results, delivery attempts, queue
+reads) goes through the same thread: `submit(item, store.method)` queues `item` for
+a store method that takes a list and returns one result per item. Each kind is
+written in its own transaction, so a failure in one kind never costs another its
+commit.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from .store import Incoming, Outcome, Store
+from .store import Store
 
 log = Logger()
 
@@ -45,8 +51,8 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, item: Incoming) -> defer.Deferred:
-        """Queue one message; the Deferred fires with its Outcome after the commit."""
+    def submit(self, item, method=None) -> defer.Deferred:
+        """Queue one item for `method` (default: store.write); fires with its result after commit."""
         if self._stopped is not None:
             return defer.fail(RuntimeError("the store writer is stopping"))
         d = defer.Deferred()
@@ -54,7 +60,7 @@ class GroupCommitter:
         if self._gathering is None:
             self._gathering = []
             self.reactor.callLater(0, self._handOver)
-        self._gathering.append((item, d))
+        self._gathering.append((method or self.store.write, item, d))
         return d
 
     def _handOver(self):
@@ -97,29 +103,37 @@ class GroupCommitter:
                     stopping = True
                     break
                 batch.extend(more)
-            started = time.perf_counter()
-            try:
-                outcomes = self.store.write([item for item, _ in batch])
-            except Exception as error:  # any failure means nothing in the batch is durable
-                self.reactor.callFromThread(self._fail, batch, error)
-            else:
-                self.reactor.callFromThread(self._deliver, batch, outcomes,
-                                            time.perf_counter() - started)
+            kinds: dict = {}
+            for method, item, d in batch:
+                kinds.setdefault(method, []).append((item, d))
+            for method, entries in kinds.items():
+                started = time.perf_counter()
+                try:
+                    results = method([item for item, _ in entries])
+                except Exception as error:  # any failure means nothing in this group is durable
+                    self.reactor.callFromThread(self._fail, entries, error, method)
+                else:
+                    self.reactor.callFromThread(self._deliver, entries, results,
+                                                time.perf_counter() - started)
         self.reactor.callFromThread(self._finished)
 
-    def _deliver(self, batch, outcomes: list[Outcome], seconds: float):
+    def _deliver(self, entries, results: list, seconds: float):
         self.batches += 1
         self.commit_seconds += seconds
-        self.pending -= len(batch)
-        for (_, d), outcome in zip(batch, outcomes):
-            d.callback(outcome)
+        self.pending -= len(entries)
+        for (_, d), result in zip(entries, results):
+            d.callback(result)
         self._check_drained()
 
-    def _fail(self, batch, error: Exception):
-        self.pending -= len(batch)
-        log.error("store commit failed for {count} messages: {error}; none of them is acknowledged",
-                  count=len(batch), error=_describe(error))
-        for _, d in batch:
+    def _fail(self, entries, error: Exception, method):
+        self.pending -= len(entries)
+        if method == self.store.write:
+            log.error("store commit failed for {count} messages: {error}; none of them is acknowledged",
+                      count=len(entries), error=_describe(error))
+        else:
+            log.error("store {what} failed for {count} items: {error}", what=method.__name__,
+                      count=len(entries), error=_describe(error))
+        for _, d in entries:
             d.errback(error)
         self._check_drained()
 

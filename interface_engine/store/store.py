@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from .schema import RECEIVED, REJECTED, messages
+from .schema import (DEAD, ERROR, FILTERED, PENDING_STATES, QUEUED, RECEIVED, REJECTED, SENT,
+                     attempts, deliveries, messages)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -42,6 +43,7 @@ class Incoming:
     trigger_event: str = ""
     control_id: str = ""
     version: str = ""
+    channel: str | None = None
     error: str | None = None
     #: builds the AE for a message whose control id is already stored with other content
     conflict_ack: Callable[[], bytes] | None = None
@@ -59,12 +61,61 @@ STORED, DUPLICATE, CONFLICT = "stored", "duplicate", "conflict"
 
 
 @dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """One destination's share of a processed message."""
+
+    destination: str
+    state: str                    # queued, filtered, or error when rendering failed
+    output: bytes | None = None
+    target: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    """What the channel made of a received message: filtered out, or deliveries to queue."""
+
+    message_id: int
+    channel: str
+    filter_reason: str | None = None
+    deliveries: tuple[NewDelivery, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedDelivery:
+    id: int
+    message_id: int
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    target: str | None
+    output: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try at a delivery and the state it leaves the delivery in."""
+
+    delivery_id: int
+    message_id: int
+    started_at: datetime
+    duration_ms: float
+    ok: bool
+    new_state: str                # sent, error (will retry / queue blocked) or dead
+    error: str | None = None
+    response: bytes | None = None
+    next_attempt_at: datetime | None = None
+    output: bytes | None = None   # set when the payload was rendered at this attempt
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What the store did with one Incoming: the answer to send is always `ack`."""
 
     kind: str
     message_id: int
     ack: bytes
+    state: str = RECEIVED   # the stored row's state: received, or rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +261,8 @@ class Store:
             outcomes: list[Outcome | None] = [None] * len(batch)
             ids = self._insert_rows(conn, rows) if rows else []
             for i, message_id in zip(slots, ids):
-                outcomes[i] = Outcome(CONFLICT if i in conflicts else STORED, message_id, batch[i].ack)
+                outcomes[i] = Outcome(CONFLICT if i in conflicts else STORED, message_id, batch[i].ack,
+                                      batch[i].state)
             counts: dict[int, int] = {}
             for i, original in copies.items():
                 if isinstance(original, int):
@@ -261,6 +313,96 @@ class Store:
             found.setdefault((app, fac, cid), _Original(mid, sha, ack))
         return found
 
+    # -- channels ---------------------------------------------------------------
+
+    def save_processing(self, batch: list[Processed], now: datetime | None = None) -> list[bool]:
+        """Record what channels made of messages, in one transaction.
+
+        A message leaves `received` exactly once: if it already has (a second
+        runtime raced this one), its result is dropped and False returned for it.
+        """
+        now = now or utcnow()
+        done, rows, touched = [], [], []
+        conn = self._writer()
+        with conn.begin():
+            for p in batch:
+                moved = conn.execute(
+                    update(messages).where(messages.c.id == p.message_id, messages.c.state == RECEIVED)
+                    .values(state=FILTERED if p.filter_reason else QUEUED, filter_reason=p.filter_reason))
+                done.append(moved.rowcount == 1)
+                if moved.rowcount != 1 or p.filter_reason:
+                    continue
+                touched.append(p.message_id)
+                rows.extend({"message_id": p.message_id, "channel": p.channel, "destination": d.destination,
+                             "state": d.state, "attempts": 0, "next_attempt_at": None, "target": d.target,
+                             "output": d.output, "last_error": d.error, "response": None,
+                             "created_at": now, "updated_at": now} for d in p.deliveries)
+            if rows:
+                conn.execute(insert(deliveries), rows)
+            self._settle(conn, touched)
+        return done
+
+    def queue(self, requests: list[tuple[str, str, int]]) -> list[list[QueuedDelivery]]:
+        """The head of each (channel, destination) queue: waiting deliveries in FIFO order."""
+        conn = self._writer()
+        result = []
+        with conn.begin():
+            for channel, destination, limit in requests:
+                rows = conn.execute(_QUEUE_HEAD, {"channel": channel, "destination": destination,
+                                                  "limit": limit})
+                result.append([QueuedDelivery(*row) for row in rows])
+        return result
+
+    def record_attempts(self, batch: list[Attempt], now: datetime | None = None) -> list[None]:
+        """Each attempt, its delivery's new state and its message's state, in one transaction."""
+        now = now or utcnow()
+        conn = self._writer()
+        with conn.begin():
+            conn.execute(insert(attempts), [
+                {"delivery_id": a.delivery_id, "started_at": a.started_at, "duration_ms": a.duration_ms,
+                 "outcome": a.new_state if a.ok else ERROR, "error": a.error, "response": a.response}
+                for a in batch])
+            for a in batch:
+                values = {"state": a.new_state, "attempts": deliveries.c.attempts + 1,
+                          "next_attempt_at": a.next_attempt_at, "last_error": a.error,
+                          "response": a.response, "updated_at": now}
+                if a.output is not None:
+                    values["output"] = a.output
+                conn.execute(update(deliveries).where(deliveries.c.id == a.delivery_id).values(**values))
+            self._settle(conn, sorted({a.message_id for a in batch}))
+        return [None] * len(batch)
+
+    def _settle(self, conn, message_ids: list[int]):
+        """A message's state follows its deliveries: dead > error > queued > sent > filtered."""
+        if message_ids:
+            conn.execute(_SETTLE, [{"mid": mid} for mid in message_ids])
+
+    def waiting_for_channels(self, after_id: int = 0, limit: int = 500) -> list[tuple[int, str, bytes]]:
+        """Messages stored for a channel but not yet through it (after a stop or a crash)."""
+        query = (select(messages.c.id, messages.c.channel, messages.c.raw)
+                 .where(messages.c.state == RECEIVED, messages.c.channel.is_not(None),
+                        messages.c.id > after_id)
+                 .order_by(messages.c.id).limit(limit))
+        with self._connect() as conn:
+            return [tuple(r) for r in conn.execute(query)]
+
+    def deliveries_of(self, message_id: int) -> list[dict]:
+        with self._connect() as conn:
+            rows = conn.execute(select(deliveries).where(deliveries.c.message_id == message_id)
+                                .order_by(deliveries.c.id))
+            result = [dict(r._mapping) for r in rows]
+            for d in result:
+                d["attempt_log"] = [dict(r._mapping) for r in conn.execute(
+                    select(attempts).where(attempts.c.delivery_id == d["id"]).order_by(attempts.c.id))]
+        return result
+
+    def count_deliveries(self, **where) -> int:
+        query = select(func.count()).select_from(deliveries)
+        for column, value in where.items():
+            query = query.where(deliveries.c[column] == value)
+        with self._connect() as conn:
+            return conn.execute(query).scalar_one()
+
     # -- reading ----------------------------------------------------------------
 
     def list_messages(self, *, limit: int = 50, before_id: int | None = None,
@@ -289,6 +431,26 @@ class Store:
             return conn.execute(query).scalar_one()
 
 
+_QUEUE_HEAD = (
+    select(deliveries.c.id, deliveries.c.message_id, deliveries.c.state, deliveries.c.attempts,
+           deliveries.c.next_attempt_at, deliveries.c.target, deliveries.c.output)
+    .where(deliveries.c.channel == sa.bindparam("channel"),
+           deliveries.c.destination == sa.bindparam("destination"),
+           deliveries.c.state.in_(PENDING_STATES))
+    .order_by(deliveries.c.id).limit(sa.bindparam("limit")))
+
+_SETTLE = sa.text(f"""
+    UPDATE messages SET state = (
+        SELECT CASE
+            WHEN SUM(CASE WHEN d.state = '{DEAD}' THEN 1 ELSE 0 END) > 0 THEN '{DEAD}'
+            WHEN SUM(CASE WHEN d.state = '{ERROR}' THEN 1 ELSE 0 END) > 0 THEN '{ERROR}'
+            WHEN SUM(CASE WHEN d.state = '{QUEUED}' THEN 1 ELSE 0 END) > 0 THEN '{QUEUED}'
+            WHEN SUM(CASE WHEN d.state = '{SENT}' THEN 1 ELSE 0 END) > 0 THEN '{SENT}'
+            ELSE '{FILTERED}' END
+        FROM deliveries d WHERE d.message_id = messages.id)
+    WHERE id = :mid AND EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = messages.id)
+""")
+
 _EARLIER_COPIES = (
     select(messages.c.id, messages.c.sending_application, messages.c.sending_facility,
            messages.c.control_id, messages.c.sha256, messages.c.ack)
@@ -308,7 +470,7 @@ def _row(item: Incoming, now: datetime) -> dict:
         "message_type": item.message_type[:16], "trigger_event": item.trigger_event[:16],
         "control_id": item.control_id[:199], "version": item.version[:16],
         "size": len(item.raw), "sha256": item.sha256, "raw": item.raw, "ack": item.ack,
-        "duplicates": 0,
+        "duplicates": 0, "channel": item.channel, "filter_reason": None,
     }
 
 

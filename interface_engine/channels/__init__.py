@@ -1,0 +1,1 @@
+"""Channels: filter, transform, route."""

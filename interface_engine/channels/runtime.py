@@ -1,0 +1,367 @@
+"""The channel runtime: stored messages through their channel, then out through each destination.
+
+    ingest commit ─▶ processor thread: filter, transform ─▶ store: deliveries queued
+                                                            │
+                         destination worker (one per destination, FIFO) ◀┘
+                         deliver ─▶ attempt recorded ─▶ retry / block / dead-letter
+
+Every step is a state in the store: a message leaves `received` in the same
+transaction that queues its deliveries, and a delivery leaves its queue in the same
+transaction that records its attempt. After a stop or a crash, `start()` picks up
+messages still `received` and every queue where it stands: nothing is processed
+twice by the filter and transform stage, nothing is forgotten, and a destination
+sees a message again only if the crash came between its delivery and the record.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from .. import hl7
+from ..destinations.base import Destination, Result
+from ..destinations.file import FileDestination
+from ..destinations.mllp import MLLPDestination
+from ..store import (DEAD, ERROR, FILTERED, QUEUED, SENT, Attempt, Processed, QueuedDelivery,
+                     utcnow)
+from .config import ChannelConfig, DestinationConfig
+from .pipeline import decide, prepare
+from .templating import Mappings
+
+log = Logger()
+
+QUEUE_READ = 256
+IDLE_POLL = 5.0
+
+
+def make_destination(config: DestinationConfig, reactor) -> Destination:
+    if config.type == "file":
+        return FileDestination(config.name, reactor=reactor)
+    return MLLPDestination(config.name, config.host, config.port, ack_timeout=config.ack_timeout,
+                           connect_timeout=config.connect_timeout, reactor=reactor)
+
+
+def loggable(error: str | None) -> str:
+    """An attempt's error for the log: a downstream system's own reason text (MSA-3) may quote
+    patient data, so the log says only that it answered; the attempt record keeps the text."""
+    text = error or "failed"
+    head, sep, _ = text.partition(" from downstream:")
+    return f"{head} from downstream (reason stored with the attempt)" if sep else text
+
+
+class ChannelRuntime:
+    def __init__(self, channels: list[ChannelConfig], mappings: Mappings, committer, reactor,
+                 charsets: dict | None = None):
+        self.committer = committer
+        self.store = committer.store
+        self.reactor = reactor
+        self.charsets = charsets or {}
+        self.channels: dict[str, ChannelConfig] = {}
+        self.mappings = mappings
+        self.workers: dict[tuple[str, str], DestinationWorker] = {}
+        self._pool = ThreadPool(1, 1, name="channel-processor")
+        self._incoming: list | None = None
+        self._waiters: dict[int, _Waiter] = {}
+        self._running = False
+        self._apply(channels)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start(self):
+        self._pool.start()
+        self._running = True
+        for worker in self.workers.values():
+            worker.start()
+        yield self._resume()
+
+    @defer.inlineCallbacks
+    def stop(self):
+        self._running = False
+        yield defer.DeferredList([w.stop() for w in self.workers.values()])
+        yield threads.deferToThread(self._pool.stop)
+        for waiter in list(self._waiters.values()):
+            waiter.finish(False, "engine stopping before the destinations confirmed")
+
+    def reload(self, channels: list[ChannelConfig], mappings: Mappings):
+        """Apply new channel configs: unchanged destinations keep their worker and connection."""
+        self.mappings = mappings
+        self._apply(channels)
+
+    def _apply(self, channels: list[ChannelConfig]):
+        self.channels = {c.name: c for c in channels if c.enabled}
+        wanted = {(c.name, d.name): (c, d) for c in self.channels.values() for d in c.destinations}
+        for key in list(self.workers):
+            worker = self.workers[key]
+            if key not in wanted or wanted[key][1] != worker.config:
+                del self.workers[key]
+                worker.stop()
+        for key, (channel, destination) in wanted.items():
+            if key in self.workers:
+                self.workers[key].channel = channel
+                continue
+            worker = DestinationWorker(self, channel, destination, make_destination(destination, self.reactor))
+            self.workers[key] = worker
+            if self._running:
+                worker.start()
+
+    @defer.inlineCallbacks
+    def _resume(self):
+        """Messages stored for a channel before a stop or crash but not yet processed."""
+        after, resumed = 0, 0
+        while self._running:
+            rows = yield threads.deferToThread(self.store.waiting_for_channels, after)
+            if not rows:
+                break
+            for message_id, channel, raw in rows:
+                if channel in self.channels:
+                    self.received(message_id, raw, channel)
+                    resumed += 1
+                after = message_id
+        if resumed:
+            log.info("resumed {count} stored messages that had not been through their channel",
+                     count=resumed)
+
+    # -- processing -----------------------------------------------------------------
+
+    def received(self, message_id: int, raw: bytes, channel: str) -> defer.Deferred | None:
+        """A message is committed for `channel`: filter and transform it, in arrival order."""
+        if self._incoming is None:
+            self._incoming = []
+            self.reactor.callLater(0, self._process)
+        self._incoming.append((message_id, raw, channel))
+
+    def outcome(self, message_id: int, timeout: float) -> defer.Deferred:
+        """For ack_mode = "processed": fires (ok, error) once the destinations have answered."""
+        waiter = self._waiters.get(message_id)
+        if waiter is None:
+            waiter = self._waiters[message_id] = _Waiter(self, message_id)
+        waiter.arm(timeout, self.reactor)
+        return waiter.deferred
+
+    def _process(self):
+        batch, self._incoming = self._incoming, None
+        snapshot = (dict(self.channels), self.mappings)
+        d = threads.deferToThreadPool(self.reactor, self._pool, self._decide, batch, snapshot)
+        d.addCallback(self._save)
+        d.addErrback(lambda f: log.failure("channel processing failed", f))
+
+    def _decide(self, batch, snapshot) -> list[Processed]:
+        channels, mappings = snapshot
+        results = []
+        for message_id, raw, name in batch:
+            channel = channels.get(name)
+            if channel is None:
+                continue  # the channel was removed: the message stays `received`
+            msg = hl7.parse(raw, **self.charsets)
+            decision = decide(channel, mappings, msg)
+            results.append(Processed(message_id, name, decision.filter_reason, decision.deliveries))
+        return results
+
+    def _save(self, results: list[Processed]):
+        for processed in results:
+            d = self.committer.submit(processed, self.store.save_processing)
+            d.addCallback(self._saved, processed)
+            d.addErrback(lambda f, p=processed: log.error(
+                "could not record processing of message {id}: {error}; it stays received and is "
+                "processed again at the next start", id=p.message_id, error=f.getErrorMessage()))
+
+    def _saved(self, moved: bool, processed: Processed):
+        if not moved:
+            return
+        waiter = self._waiters.get(processed.message_id)
+        if processed.filter_reason:
+            if waiter:
+                waiter.finish(True, None)
+            return
+        for delivery in processed.deliveries:
+            if delivery.state in (QUEUED, ERROR):
+                worker = self.workers.get((processed.channel, delivery.destination))
+                if worker:
+                    worker.wake()
+        if waiter:
+            waiter.expect(processed.deliveries)
+
+    def attempted(self, message_id: int, destination: str, ok: bool, error: str | None):
+        waiter = self._waiters.get(message_id)
+        if waiter:
+            waiter.attempted(destination, ok, error)
+
+
+class _Waiter:
+    """The sender of an ack_mode = "processed" message, waiting for its destinations."""
+
+    def __init__(self, runtime: ChannelRuntime, message_id: int):
+        self.runtime, self.message_id = runtime, message_id
+        self.deferred = defer.Deferred()
+        self.remaining: set[str] | None = None
+        self._timer = None
+
+    def arm(self, timeout: float, reactor):
+        if self._timer is None and not self.deferred.called:
+            self._timer = reactor.callLater(timeout, self.finish, False,
+                                            f"destinations did not confirm within {timeout:g}s")
+
+    def expect(self, deliveries):
+        failed = next((d for d in deliveries if d.state == ERROR), None)
+        if failed:
+            self.finish(False, f"{failed.destination}: {failed.error}")
+            return
+        self.remaining = {d.destination for d in deliveries if d.state == QUEUED}
+        if not self.remaining:
+            self.finish(True, None)
+
+    def attempted(self, destination: str, ok: bool, error: str | None):
+        if self.remaining is None or destination not in self.remaining:
+            return
+        if not ok:
+            self.finish(False, f"{destination}: {error}")
+            return
+        self.remaining.discard(destination)
+        if not self.remaining:
+            self.finish(True, None)
+
+    def finish(self, ok: bool, error: str | None):
+        self.runtime._waiters.pop(self.message_id, None)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if not self.deferred.called:
+            self.deferred.callback((ok, error))
+
+
+class DestinationWorker:
+    """One destination's FIFO queue: one delivery at a time, in id order, retried per policy."""
+
+    def __init__(self, runtime: ChannelRuntime, channel: ChannelConfig, config: DestinationConfig,
+                 destination: Destination):
+        self.runtime = runtime
+        self.channel = channel
+        self.config = config
+        self.destination = destination
+        self._running = False
+        self._wakeup: defer.Deferred | None = None
+        self._loop: defer.Deferred | None = None
+        self.sent = 0
+        self.failed = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.channel.name}/{self.config.name}"
+
+    def start(self):
+        self._running = True
+        self._loop = self._run()
+
+    def wake(self):
+        if self._wakeup is not None and not self._wakeup.called:
+            self._wakeup.callback(None)
+
+    @defer.inlineCallbacks
+    def stop(self):
+        self._running = False
+        self.wake()
+        if self._loop is not None:
+            yield self._loop
+        yield self.destination.close()
+
+    def _pause(self, seconds: float) -> defer.Deferred:
+        """Sleep until `seconds` pass or wake() is called, whichever comes first."""
+        self._wakeup = defer.Deferred()
+        timer = self.runtime.reactor.callLater(max(0.0, seconds), self.wake)
+        self._wakeup.addBoth(lambda _: timer.cancel() if timer.active() else None)
+        return self._wakeup
+
+    @defer.inlineCallbacks
+    def _run(self):
+        store, committer = self.runtime.store, self.runtime.committer
+        while self._running:
+            try:
+                heads = yield committer.submit((self.channel.name, self.config.name, QUEUE_READ),
+                                               store.queue)
+                if not heads:
+                    yield self._pause(IDLE_POLL)
+                    continue
+                wait = yield self._work(heads)
+                if wait:
+                    yield self._pause(wait)
+            except Exception as error:  # a store or programming error must not end the queue
+                log.error("destination {key}: {error}; trying again shortly", key=self.key,
+                          error=str(error).splitlines()[0] if str(error) else type(error).__name__)
+                yield self._pause(1.0)
+
+    @defer.inlineCallbacks
+    def _work(self, heads: list[QueuedDelivery]):
+        """Deliver from the head of the queue; returns seconds to wait before reading it again."""
+        records = []
+        try:
+            for delivery in heads:
+                if not self._running:
+                    break
+                now = utcnow()
+                if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
+                    return (delivery.next_attempt_at - now).total_seconds()
+                attempt = yield self._attempt(delivery)
+                record = self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
+                records.append(record)
+                self.runtime.attempted(delivery.message_id, self.config.name, attempt.ok, attempt.error)
+                if attempt.new_state == ERROR:
+                    yield record  # the queue holds: the next read must see this failure
+                    return (attempt.next_attempt_at - utcnow()).total_seconds()
+        finally:
+            if records:
+                yield defer.DeferredList(records, consumeErrors=True)
+        return 0
+
+    @defer.inlineCallbacks
+    def _attempt(self, delivery: QueuedDelivery):
+        started_at, started = utcnow(), time.perf_counter()
+        output, target, rendered = delivery.output, delivery.target, None
+        if output is None:
+            prepared = yield self._prepare(delivery.message_id)
+            if prepared.state == FILTERED:
+                return self._record(delivery, started_at, started, Result(True, None, None), FILTERED)
+            if prepared.state == ERROR:
+                return self._failed(delivery, started_at, started,
+                                    Result(False, None, prepared.error, retry=True))
+            output = rendered = prepared.output
+            target = prepared.target
+        result = yield self.destination.deliver(output, target)
+        if result.ok:
+            self.sent += 1
+            return self._record(delivery, started_at, started, result, SENT, output=rendered)
+        return self._failed(delivery, started_at, started, result, output=rendered)
+
+    def _prepare(self, message_id: int):
+        """Render again a delivery whose first rendering failed: the template may be fixed since."""
+        channel, mappings, charsets = self.channel, self.runtime.mappings, self.runtime.charsets
+        store = self.runtime.store
+
+        def work():
+            row = store.get_message(message_id)
+            msg = hl7.parse(row["raw"], **charsets)
+            return prepare(channel, self.config, mappings, msg, raw=row["raw"])
+        return threads.deferToThreadPool(self.runtime.reactor, self.runtime._pool, work)
+
+    def _failed(self, delivery, started_at, started, result: Result, output=None) -> Attempt:
+        self.failed += 1
+        failures = delivery.attempts + 1
+        retry = self.config.retry
+        give_up = retry.on_failure == "skip" and (failures >= retry.attempts or not result.retry)
+        log.warn("destination {key}: delivery {id} failed (attempt {n}): {error}{then}",
+                 key=self.key, id=delivery.id, n=failures, error=loggable(result.error),
+                 then="; dead-lettered, the queue moves on" if give_up else "")
+        if give_up:
+            return self._record(delivery, started_at, started, result, DEAD, output=output)
+        next_at = utcnow() + timedelta(seconds=retry.delay(failures))
+        return self._record(delivery, started_at, started, result, ERROR, next_at, output)
+
+    @staticmethod
+    def _record(delivery, started_at, started, result: Result, state, next_at=None, output=None):
+        return Attempt(delivery_id=delivery.id, message_id=delivery.message_id, started_at=started_at,
+                       duration_ms=(time.perf_counter() - started) * 1000, ok=result.ok,
+                       new_state=state, error=result.error, response=result.response,
+                       next_attempt_at=next_at, output=output)

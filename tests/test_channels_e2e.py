@@ -1,0 +1,293 @@
+"""Channels end to end: a real engine process, real sockets, a real downstream receiver, real files."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from interface_engine import hl7
+from interface_engine.mllp import MLLPClient
+from interface_engine.store import Store
+from tests.messages import adt_a01
+from tests.receiver import Receiver
+
+FORWARD = "{{ msg | hl7_set('MSH-5', 'DOWNSTREAM') | hl7_drop('Z*') }}\n"
+
+
+class Setup:
+    """A channels folder, a mappings folder and an engine config that uses them."""
+
+    def __init__(self, tmp_path: Path, engine_factory):
+        self.root = tmp_path
+        self.channels = tmp_path / "channels"
+        self.mappings = tmp_path / "mappings"
+        self.channels.mkdir()
+        (self.mappings / "hl7").mkdir(parents=True)
+        (self.mappings / "hl7" / "forward.hl7.j2").write_text(FORWARD)
+        self.engine_factory = engine_factory
+
+    def channel(self, name: str, text: str):
+        (self.channels / f"{name}.toml").write_text(text)
+
+    def start(self, **listener):
+        extra = f'[channels]\ndirectory = "{self.channels}"\nmappings = "{self.mappings}"\n'
+        self.engine = self.engine_factory(listener=listener or None, extra=extra)
+        self.store = Store(self.engine.store_url)
+        return self.engine
+
+    def send(self, *messages: bytes) -> list[tuple[str, str, str]]:
+        answers = []
+        with MLLPClient("127.0.0.1", self.engine.port, timeout=15) as c:
+            for m in messages:
+                ack = hl7.parse(c.send(m))
+                answers.append((ack["MSA-1"], ack["MSA-2"], ack["MSA-3"]))
+        return answers
+
+    def wait(self, condition, timeout=20.0, what="condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}\n{self.engine.log()[-3000:]}")
+
+
+def adt_channel(port: int, *, on_failure="block", attempts=3, ack_mode="stored", extra="",
+                archive: Path | None = None) -> str:
+    text = f"""
+name = "adt"
+[source]
+type = "mllp"
+listener = "test"
+message_types = ["ADT"]
+ack_mode = "{ack_mode}"
+processed_timeout = "5s"
+{extra}
+[[destinations]]
+name = "downstream"
+type = "mllp"
+host = "127.0.0.1"
+port = {port}
+template = "hl7/forward.hl7.j2"
+ack_timeout = "1s"
+connect_timeout = "1s"
+[destinations.retry]
+attempts = {attempts}
+backoff = "100ms"
+max_backoff = "300ms"
+on_failure = "{on_failure}"
+"""
+    if archive is not None:
+        text += f"""
+[[destinations]]
+name = "archive"
+type = "file"
+path = "{archive}/{{{{ msg['MSH-10'] }}}}.hl7"
+"""
+    return text
+
+
+@pytest.fixture
+def setup(tmp_path, engine_factory):
+    return Setup(tmp_path, engine_factory)
+
+
+def test_messages_are_filtered_transformed_and_delivered_in_order(setup, tmp_path):
+    archive = tmp_path / "archive"
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port, archive=archive))
+        setup.start()
+        ids = [f"E2E{i}" for i in range(20)]
+        assert setup.send(*[adt_a01(cid, extra_segments="ZPI|1|LOCAL") for cid in ids]) == \
+            [("AA", cid, "") for cid in ids]
+        assert downstream.wait_for(20, timeout=20)
+        assert downstream.control_ids() == ids
+        forwarded = hl7.parse(downstream.received[0])
+        assert forwarded["MSH-5"] == "DOWNSTREAM" and forwarded.segment("ZPI") is None
+        assert forwarded["PID-5.1"] == "DOE"
+        setup.wait(lambda: setup.store.count_messages(state="sent") == 20, what="all sent")
+    for cid in ids:
+        assert (archive / f"{cid}.hl7").read_bytes() == adt_a01(cid, extra_segments="ZPI|1|LOCAL")
+    assert setup.store.count_deliveries(state="sent") == 40
+
+
+def test_downstream_down_queue_holds_source_keeps_acking_then_all_arrive_once_in_order(setup):
+    downstream = Receiver()
+    downstream.start()
+    port = downstream.port
+    downstream.stop()
+    setup.channel("adt", adt_channel(port))
+    setup.start()
+    ids = [f"DOWN{i}" for i in range(30)]
+    assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * 30
+    time.sleep(1.0)
+    assert setup.store.count_messages(state="error") == 1  # the head is failing ...
+    assert setup.store.count_messages(state="queued") == 29  # ... the rest wait behind it
+    downstream = Receiver(port=port).start()
+    try:
+        assert downstream.wait_for(30, timeout=20)
+        time.sleep(0.5)
+        assert downstream.control_ids() == ids
+    finally:
+        downstream.stop()
+
+
+def test_ae_is_retried_and_block_holds_the_queue(setup):
+    with Receiver() as downstream:
+        downstream.script(["AE", "AE", "AE", "AE"])
+        setup.channel("adt", adt_channel(downstream.port, on_failure="block", attempts=2))
+        setup.start()
+        setup.send(adt_a01("BLK1"), adt_a01("BLK2"))
+        assert downstream.wait_for(6, timeout=15)
+        time.sleep(0.3)
+        assert downstream.control_ids() == ["BLK1"] * 5 + ["BLK2"]
+        setup.wait(lambda: setup.store.count_messages(state="sent") == 2, what="both sent")
+    first = setup.store.list_messages(limit=10)[-1]
+    deliveries = setup.store.deliveries_of(first["id"])
+    outcomes = [a["outcome"] for a in deliveries[0]["attempt_log"]]
+    assert outcomes == ["error"] * 4 + ["sent"]
+    assert deliveries[0]["attempt_log"][0]["response"].startswith(b"MSH")  # the AE is stored
+    assert "AE from downstream" in deliveries[0]["attempt_log"][0]["error"]
+
+
+def test_ae_with_skip_dead_letters_and_the_queue_moves_on(setup):
+    with Receiver() as downstream:
+        downstream.script(["AE", "AE"])
+        setup.channel("adt", adt_channel(downstream.port, on_failure="skip", attempts=2))
+        setup.start()
+        setup.send(adt_a01("SKIP1"), adt_a01("SKIP2"))
+        assert downstream.wait_for(3, timeout=15)
+        assert downstream.control_ids() == ["SKIP1", "SKIP1", "SKIP2"]
+        setup.wait(lambda: setup.store.count_messages(state="dead") == 1, what="dead-lettered")
+        setup.wait(lambda: setup.store.count_messages(state="sent") == 1, what="next one sent")
+
+
+def test_no_answer_times_out_and_the_same_bytes_are_sent_again(setup):
+    with Receiver() as downstream:
+        downstream.script(["silent"])
+        setup.channel("adt", adt_channel(downstream.port))
+        setup.start()
+        setup.send(adt_a01("QUIET1"))
+        assert downstream.wait_for(2, timeout=15)
+        first, second = downstream.received[:2]
+        assert first == second
+        setup.wait(lambda: setup.store.count_messages(state="sent") == 1, what="sent")
+    attempts = setup.store.deliveries_of(setup.store.list_messages(limit=1)[0]["id"])[0]["attempt_log"]
+    assert "no ACK within 1s" in attempts[0]["error"]
+
+
+def test_filtered_messages_are_stored_with_the_rule(setup):
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port, extra="") +
+                      "\n[filter]\nwhen = \"msg['MSH-9.2'] != 'A08'\"\n")
+        setup.start()
+        a08 = adt_a01("FILT1").replace(b"ADT^A01^ADT_A01", b"ADT^A08^ADT_A01")
+        assert setup.send(a08, adt_a01("FILT2"))[0][0] == "AA"
+        assert downstream.wait_for(1, timeout=10)
+        setup.wait(lambda: setup.store.count_messages(state="filtered") == 1, what="filtered")
+    row = next(r for r in setup.store.list_messages() if r["control_id"] == "FILT1")
+    assert row["state"] == "filtered" and "MSH-9.2" in row["filter_reason"]
+    assert downstream.control_ids() == ["FILT2"]
+
+
+def test_unrouted_message_type_is_rejected_with_code_200_and_kept(setup):
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port))
+        setup.start()
+        oru = adt_a01("ORU1").replace(b"ADT^A01^ADT_A01", b"ORU^R01^ORU_R01")
+        code, _, reason = setup.send(oru)[0]
+    assert code == "AR" and "no channel" in reason and "ORU^R01" in reason
+    assert setup.store.count_messages(state="rejected") == 1
+
+
+def test_processed_ack_mode_reports_the_destinations(setup):
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port, ack_mode="processed"))
+        setup.start()
+        assert setup.send(adt_a01("PROC1"))[0] == ("AA", "PROC1", "")
+        downstream.script(["AE"])
+        code, control_id, reason = setup.send(adt_a01("PROC2"))[0]
+        assert (code, control_id) == ("AE", "PROC2") and "downstream" in reason
+
+
+def test_malicious_template_fails_that_delivery_only(setup, tmp_path):
+    (setup.mappings / "hl7" / "evil.hl7.j2").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}\n")
+    archive = tmp_path / "archive"
+    with Receiver() as downstream:
+        channel = adt_channel(downstream.port, archive=archive, on_failure="skip", attempts=1)
+        setup.channel("adt", channel.replace("hl7/forward.hl7.j2", "hl7/evil.hl7.j2"))
+        setup.start()
+        assert setup.send(adt_a01("EVIL1"))[0][0] == "AA"
+        setup.wait(lambda: (archive / "EVIL1.hl7").exists(), what="the other destination")
+        setup.wait(lambda: setup.store.count_deliveries(state="dead") == 1, what="dead-lettered")
+        assert downstream.received == []
+    delivery = next(d for d in setup.store.deliveries_of(setup.store.list_messages()[0]["id"])
+                    if d["destination"] == "downstream")
+    assert delivery["state"] == "dead"
+    assert "evil.hl7.j2 line 1" in delivery["last_error"] and "'__class__'" in delivery["last_error"]
+    assert "not allowed" in delivery["last_error"]
+
+
+def test_values_cannot_inject_fields_segments_or_frames(setup):
+    (setup.mappings / "hl7" / "copy.hl7.j2").write_text(
+        "MSH|^~\\&|ENGINE|HUB|DOWN|STREAM|20260101||ADT^A01|{{ msg['MSH-10'] }}|P|2.5.1\n"
+        "NTE|1||{{ msg['PID-5.1'] }}\n")
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port).replace("hl7/forward.hl7.j2", "hl7/copy.hl7.j2"))
+        setup.start()
+        nasty = "EVIL\\F\\X\\S\\Y\\X0D\\ZZZ\\F\\9\\X1C\\"  # decodes to EVIL|X^Y<CR>ZZZ|9<FS>
+        setup.send(adt_a01("INJ1", family=nasty))
+        assert downstream.wait_for(1, timeout=10)
+    out = hl7.parse(downstream.received[0])
+    assert [s.name for s in out.segments()] == ["MSH", "NTE"]
+    assert out["NTE-3"] == "EVIL|X^Y\rZZZ|9\x1c"
+    assert out["NTE-4"] == ""
+
+
+def test_directory_source_stores_every_message_then_moves_the_file(setup, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    setup.channel("files", f"""
+name = "files"
+[source]
+type = "directory"
+path = "{inbox}"
+pattern = "*.hl7"
+interval = "200ms"
+[[destinations]]
+name = "out"
+type = "file"
+path = "{tmp_path}/out/{{{{ msg['MSH-10'] }}}}.hl7"
+""")
+    (inbox / "two.hl7").write_bytes(adt_a01("DIR1") + adt_a01("DIR2"))
+    (inbox / "junk.hl7").write_bytes(b"this is not HL7\n")
+    old = time.time() - 5
+    for name in ("two.hl7", "junk.hl7"):
+        os.utime(inbox / name, (old, old))
+    setup.start()
+    setup.wait(lambda: (inbox / "done" / "two.hl7").exists() and (inbox / "error" / "junk.hl7").exists(),
+               what="files moved")
+    setup.wait(lambda: (tmp_path / "out" / "DIR2.hl7").exists(), what="delivered")
+    assert (tmp_path / "out" / "DIR1.hl7").read_bytes() == adt_a01("DIR1")
+    assert setup.store.count_messages(state="rejected") == 1
+    assert not (inbox / "two.hl7").exists()
+
+
+def test_reload_applies_a_valid_change_keeps_connections_and_refuses_a_bad_one(setup, tmp_path):
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port))
+        engine = setup.start()
+        with MLLPClient("127.0.0.1", engine.port) as c:
+            assert hl7.parse(c.send(adt_a01("REL1")))["MSA-1"] == "AA"
+            setup.channel("adt", adt_channel(downstream.port) + "\n[filter]\nwhen = \"false\"\n")
+            engine.proc.send_signal(1)  # SIGHUP
+            setup.wait(lambda: "reloaded: 1 channel" in engine.log(), what="reload")
+            assert hl7.parse(c.send(adt_a01("REL2")))["MSA-1"] == "AA"  # same connection
+            setup.channel("adt", "name = 'adt'\n[source]\ntype = 'nonsense'\n")
+            engine.proc.send_signal(1)
+            setup.wait(lambda: "reload refused" in engine.log(), what="refusal")
+            assert hl7.parse(c.send(adt_a01("REL3")))["MSA-1"] == "AA"
+        setup.wait(lambda: setup.store.count_messages(state="filtered") == 2, what="filtered")
+        assert downstream.control_ids() == ["REL1"]
+    assert "source.type" in engine.log()
