@@ -291,3 +291,33 @@ def test_reload_applies_a_valid_change_keeps_connections_and_refuses_a_bad_one(s
         setup.wait(lambda: setup.store.count_messages(state="filtered") == 2, what="filtered")
         assert downstream.control_ids() == ["REL1"]
     assert "source.type" in engine.log()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_sigkill_during_delivery_loses_nothing_and_repeats_at_most_the_one_in_flight(
+        backend, tmp_path, engine_factory, request):
+    setup = Setup(tmp_path, engine_factory)
+    store_url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
+    count = 300
+    ids = [f"KILL{i:03d}" for i in range(count)]
+    with Receiver(delay=0.005) as downstream:  # a slow downstream: the queue builds up
+        setup.channel("adt", adt_channel(downstream.port))
+        extra = f'[channels]\ndirectory = "{setup.channels}"\nmappings = "{setup.mappings}"\n'
+        engine = engine_factory(store_url=store_url, extra=extra)
+        setup.engine, setup.store = engine, Store(engine.store_url)
+        assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * count
+        setup.wait(lambda: len(downstream.received) >= count // 3, what="deliveries under way")
+        engine.kill()
+        delivered_before = len(downstream.received)
+        assert delivered_before < count, "the kill must land while deliveries are under way"
+        engine.start()
+        setup.wait(lambda: len(set(downstream.control_ids())) == count, timeout=60, what="all delivered")
+        time.sleep(0.5)
+        engine.stop()
+    arrived = downstream.control_ids()
+    repeats = len(arrived) - len(set(arrived))
+    assert repeats <= 1, f"{repeats} messages were delivered twice"
+    first_seen = list(dict.fromkeys(arrived))
+    assert first_seen == ids, "the queue's order was not kept"
+    assert setup.store.count_messages(state="sent") == count

@@ -295,25 +295,22 @@ class DestinationWorker:
 
     @defer.inlineCallbacks
     def _work(self, heads: list[QueuedDelivery]):
-        """Deliver from the head of the queue; returns seconds to wait before reading it again."""
-        records = []
-        try:
-            for delivery in heads:
-                if not self._running:
-                    break
-                now = utcnow()
-                if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
-                    return (delivery.next_attempt_at - now).total_seconds()
-                attempt = yield self._attempt(delivery)
-                record = self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
-                records.append(record)
-                self.runtime.attempted(delivery.message_id, self.config.name, attempt.ok, attempt.error)
-                if attempt.new_state == ERROR:
-                    yield record  # the queue holds: the next read must see this failure
-                    return (attempt.next_attempt_at - utcnow()).total_seconds()
-        finally:
-            if records:
-                yield defer.DeferredList(records, consumeErrors=True)
+        """Deliver from the head of the queue; returns seconds to wait before reading it again.
+
+        Each attempt's record is committed before the next delivery starts, so a crash
+        can make a destination see again only the one message that was in flight.
+        """
+        for delivery in heads:
+            if not self._running:
+                break
+            now = utcnow()
+            if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
+                return (delivery.next_attempt_at - now).total_seconds()
+            attempt = yield self._attempt(delivery)
+            yield self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
+            self.runtime.attempted(delivery.message_id, self.config.name, attempt.ok, attempt.error)
+            if attempt.new_state == ERROR:
+                return max(0.0, (attempt.next_attempt_at - utcnow()).total_seconds())
         return 0
 
     @defer.inlineCallbacks
