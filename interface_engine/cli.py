@@ -42,6 +42,10 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:
+            # The reader went away (`| head`): nothing left to say to it.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except (ConfigError, StoreError, MLLPError) as e:
             raise Failure(str(e)) from None
         except OSError as e:
@@ -175,6 +179,33 @@ def acknowledgements(answer: bytes) -> list[tuple[str, str, str]]:
             continue
         result.append((ack["MSA-1"], ack["MSA-2"], ack["MSA-3"]))
     return result or [("??", "", "empty answer")]
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=2576, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--answer", default="AA", show_default=True, type=click.Choice(["AA", "AE", "AR"]),
+              help="What to answer to every well-formed message.")
+@click.option("--save", type=click.Path(file_okay=False), help="Write each message received to this folder.")
+def receive(host, port, answer, save):
+    """Play a downstream MLLP system: answer every message and print a line for it."""
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+
+    from .mllp.receiver import TestReceiverFactory
+
+    folder = None
+    if save:
+        folder = Path(save)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    factory = TestReceiverFactory(answer, folder, lambda line: click.echo(line))
+    try:
+        bound = reactor.listenTCP(port, factory, interface=host)
+    except CannotListenError as e:
+        raise Failure(f"cannot listen on {host}:{port}: "
+                      f"{getattr(e.socketError, 'strerror', None) or e.socketError}") from None
+    click.echo(f"receiving MLLP on {host}:{bound.getHost().port}, answering {answer} (Ctrl-C to stop)")
+    reactor.run()
 
 
 @main.group()
@@ -319,17 +350,17 @@ def messages_show(message_id, config_path, raw):
             click.echo(f"  {a['started_at'].isoformat()}Z  {a['duration_ms']:8.1f} ms  {a['outcome']}"
                        + (f"  {a['error']}" if a["error"] else ""))
             if a["response"]:
-                click.echo(_printable(a["response"]).replace("\n", "\n  "))
+                click.echo(_printable(a["response"], "    "))
         if d["state"] == "filtered" or (d["last_error"] and not d["attempt_log"]):
             click.echo(f"  {d['last_error']}")
         if d["output"] is not None:
             click.echo("  output:")
-            click.echo(_printable(d["output"]).replace("\n", "\n  "))
+            click.echo(_printable(d["output"], "    "))
 
 
-def _printable(data: bytes) -> str:
+def _printable(data: bytes, indent: str = "  ") -> str:
     text = data.decode("utf-8", errors="replace")
-    return "\n".join("  " + line for line in re.split(r"\r\n|\r|\n", text) if line)
+    return "\n".join(indent + line for line in re.split(r"\r\n|\r|\n", text) if line)
 
 
 def _jsonable(row: dict) -> dict:

@@ -135,3 +135,24 @@ def test_store_files_are_private(engine_factory, tmp_path):
     for name in ("store.db", "store.db-wal"):
         mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
         assert mode == 0o600, f"{name} is {oct(mode)}"
+
+
+def test_receive_answers_prints_and_saves(tmp_path):
+    import re
+    import time
+
+    from interface_engine import hl7
+
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "interface_engine", "receive", "--port", "0",
+                             "--save", str(tmp_path / "got")], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r":(\d+),", proc.stdout.readline()).group(1))
+        with MLLPClient("127.0.0.1", port) as c:
+            ack = hl7.parse(c.send(adt_a01("RECV1")))
+        assert (ack["MSA-1"], ack["MSA-2"]) == ("AA", "RECV1")
+        line = proc.stdout.readline()
+        assert "ADT^A01" in line and "RECV1" in line
+        assert (tmp_path / "got" / "000001-RECV1.hl7").read_bytes() == adt_a01("RECV1")
+    finally:
+        proc.terminate()
+        proc.wait(10)
