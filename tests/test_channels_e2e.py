@@ -321,3 +321,22 @@ def test_sigkill_during_delivery_loses_nothing_and_repeats_at_most_the_one_in_fl
     first_seen = list(dict.fromkeys(arrived))
     assert first_seen == ids, "the queue's order was not kept"
     assert setup.store.count_messages(state="sent") == count
+
+
+def test_a_message_left_received_by_a_crash_is_processed_at_start(setup, tmp_path):
+    from interface_engine.store import RECEIVED, Incoming
+
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port))
+        store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+        store.check_schema()
+        raw = adt_a01("LEFT1")
+        store.write([Incoming(raw=raw, listener="test", peer="127.0.0.1", state=RECEIVED, ack=b"",
+                              message_type="ADT", trigger_event="A01", control_id="LEFT1",
+                              channel="adt")])
+        store.close()
+        setup.start()
+        assert downstream.wait_for(1, timeout=10)
+        assert downstream.control_ids() == ["LEFT1"]
+        setup.wait(lambda: setup.store.count_messages(state="sent") == 1, what="sent")
+    assert "resumed 1 stored messages" in setup.engine.log()
