@@ -20,7 +20,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from ..config import ConfigError, EngineConfig, ListenerConfig, Section, read_listener
 
 SOURCE_TYPES = ("mllp", "directory")
-DESTINATION_TYPES = ("file", "mllp")
+DESTINATION_TYPES = ("file", "mllp", "fhir")
+AUTH_TYPES = ("none", "bearer", "client_credentials", "smart")
+SIGNING_ALGORITHMS = ("RS384", "ES384")
 CHANNEL_ACK_MODES = ("stored", "processed")
 ON_FAILURE = ("block", "skip")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -40,6 +42,21 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """How a FHIR destination authenticates. Secrets are env:/file: references, resolved at use."""
+
+    type: str = "none"
+    token: str | None = None            # bearer
+    token_url: str | None = None        # client_credentials, smart
+    client_id: str | None = None
+    client_secret: str | None = None    # client_credentials
+    private_key: str | None = None      # smart
+    key_id: str | None = None
+    algorithm: str = "RS384"
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationConfig:
     name: str
     type: str
@@ -51,6 +68,10 @@ class DestinationConfig:
     port: int | None = None
     ack_timeout: float = 30.0
     connect_timeout: float = 10.0
+    url: str | None = None                   # fhir: the server's base URL
+    timeout: float = 30.0
+    ca_file: str | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +216,15 @@ def _destination(s: Section, checker) -> DestinationConfig:
     if kind == "file":
         options["path"] = s.str("path", None)
         _check(checker, "check_path_template", options["path"], s, "path", "a path template")
+    elif kind == "fhir":
+        if template is None:
+            s.fail("template", "required for a fhir destination (a FHIR template of mappings/fhir/)")
+        options["url"] = s.str("url", None)
+        if not options["url"].startswith(("http://", "https://")):
+            s.fail("url", f"expected an http:// or https:// base URL, got {options['url']!r}")
+        options["timeout"] = s.duration("timeout", 30.0)
+        options["ca_file"] = s.text("ca_file", None)
+        options["auth"] = _auth(s.table("auth"))
     else:
         options["host"] = s.str("host", None)
         options["port"] = s.int("port", None, 1, 65535)
@@ -202,6 +232,24 @@ def _destination(s: Section, checker) -> DestinationConfig:
         options["connect_timeout"] = s.duration("connect_timeout", 10.0)
     s.done()
     return DestinationConfig(name=name, type=kind, template=template, when=when, retry=retry, **options)
+
+
+def _auth(a: Section) -> AuthConfig:
+    kind = a.str("type", "none", AUTH_TYPES)
+    needs = {"none": (), "bearer": ("token",), "client_credentials": ("token_url", "client_id", "client_secret"),
+             "smart": ("token_url", "client_id", "private_key")}[kind]
+    values = {key: a.text(key, None) for key in ("token", "token_url", "client_id", "client_secret",
+                                                 "private_key", "key_id", "scope")}
+    algorithm = a.str("algorithm", "RS384", SIGNING_ALGORITHMS)
+    a.done()
+    for key in needs:
+        if values[key] is None:
+            a.fail(key, f"required for auth type {kind!r}")
+    for key in ("token", "client_secret", "private_key"):
+        value = values[key]
+        if value is not None and not value.startswith(("env:", "file:")):
+            a.fail(key, "expected a reference such as env:NAME or file:/path, not a literal secret")
+    return AuthConfig(type=kind, algorithm=algorithm, **values)
 
 
 def _check(checker, method: str, value: str, section: Section, key: str, what: str):

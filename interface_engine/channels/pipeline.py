@@ -6,11 +6,17 @@ exactly what the engine would do.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 from ..store import ERROR, FILTERED, QUEUED, NewDelivery
 from .config import ChannelConfig, DestinationConfig
+from ..fhir import bundle
+from ..fhir.bundle import BundleError
+from .helpers import hl7_to_iso
 from .templating import Mappings, TemplateError
 
 
@@ -51,7 +57,11 @@ def prepare(channel: ChannelConfig, destination: DestinationConfig, mappings: Ma
         if destination.when and not mappings.filter(destination.when)(
                 msg, timezone=channel.timezone, variables=context):
             return NewDelivery(destination.name, FILTERED, error=f"destination filter: {destination.when}")
-        if destination.template:
+        if destination.type == "fhir":
+            output = fhir_bundle(mappings.render(destination.template, msg, kind="json",
+                                                 timezone=channel.timezone, variables=context),
+                                 msg, channel.timezone)
+        elif destination.template:
             output = mappings.render(destination.template, msg, timezone=channel.timezone,
                                      variables=context)
         else:
@@ -60,9 +70,20 @@ def prepare(channel: ChannelConfig, destination: DestinationConfig, mappings: Ma
         if destination.type == "file":
             target = safe_target(destination.path, mappings.render_string(
                 destination.path, msg, timezone=channel.timezone, variables=context))
-    except TemplateError as e:
+    except (TemplateError, BundleError) as e:
         return NewDelivery(destination.name, ERROR, error=str(e))
     return NewDelivery(destination.name, QUEUED, output=output, target=target)
+
+
+def fhir_bundle(rendered: bytes, msg, zone: str) -> bytes:
+    """A FHIR template's JSON made into the transaction Bundle that is sent."""
+    header = msg.header
+    source = {"application": header.sending_application, "facility": header.sending_facility,
+              "control_id": header.control_id, "sha256": hashlib.sha256(msg.to_bytes()).hexdigest(),
+              "type": f"{header.message_type}^{header.trigger_event}".rstrip("^"),
+              # MSH-7 when it is precise to the second; otherwise the time of sending
+              "recorded": hl7_to_iso(header.timestamp, ZoneInfo(zone), instant=True) or None}
+    return bundle.to_bytes(bundle.build(json.loads(rendered), source))
 
 
 def safe_target(template: str, rendered: str) -> str:

@@ -16,6 +16,7 @@ sees a message again only if the crash came between its delivery and the record.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 from twisted.internet import defer, threads
@@ -41,8 +42,28 @@ IDLE_POLL = 5.0
 def make_destination(config: DestinationConfig, reactor) -> Destination:
     if config.type == "file":
         return FileDestination(config.name, reactor=reactor)
+    if config.type == "fhir":
+        from ..destinations.fhir import FHIRDestination
+
+        return FHIRDestination(config.name, config.url, auth=make_auth(config.auth),
+                               timeout=config.timeout, ca_file=config.ca_file, reactor=reactor)
     return MLLPDestination(config.name, config.host, config.port, ack_timeout=config.ack_timeout,
                            connect_timeout=config.connect_timeout, reactor=reactor)
+
+
+def make_auth(auth):
+    from ..destinations import auth as strategies
+
+    if auth.type == "bearer":
+        return strategies.BearerToken(auth.token)
+    if auth.type == "client_credentials":
+        return strategies.ClientCredentials(auth.token_url, auth.client_id, auth.client_secret,
+                                            scope=auth.scope)
+    if auth.type == "smart":
+        return strategies.SmartBackendServices(auth.token_url, auth.client_id, auth.private_key,
+                                               key_id=auth.key_id, algorithm=auth.algorithm,
+                                               scope=auth.scope or "system/*.write")
+    return strategies.NoAuth()
 
 
 def loggable(error: str | None) -> str:
@@ -353,8 +374,14 @@ class DestinationWorker:
                  then="; dead-lettered, the queue moves on" if give_up else "")
         if give_up:
             return self._record(delivery, started_at, started, result, DEAD, output=output)
-        next_at = utcnow() + timedelta(seconds=retry.delay(failures))
-        return self._record(delivery, started_at, started, result, ERROR, next_at, output)
+        wait = max(retry.delay(failures), result.retry_after or 0.0)
+        next_at = utcnow() + timedelta(seconds=wait)
+        attempt = self._record(delivery, started_at, started, result, ERROR, next_at, output)
+        if not result.retry:
+            # Trying the same payload again cannot help: the next attempt renders it anew,
+            # with the mapping as it is then (fixed and reloaded, one hopes).
+            attempt = replace(attempt, output=None, rerender=True)
+        return attempt
 
     @staticmethod
     def _record(delivery, started_at, started, result: Result, state, next_at=None, output=None):

@@ -31,6 +31,7 @@ class Result:
     response: bytes | None = None
     error: str | None = None
     retry: bool = True
+    retry_after: float | None = None   # seconds the far side asked us to wait (Retry-After)
 
 
 class Destination:

@@ -106,6 +106,7 @@ class Attempt:
     response: bytes | None = None
     next_attempt_at: datetime | None = None
     output: bytes | None = None   # set when the payload was rendered at this attempt
+    rerender: bool = False        # forget the payload: the next attempt renders it again
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +367,9 @@ class Store:
                 values = {"state": a.new_state, "attempts": deliveries.c.attempts + 1,
                           "next_attempt_at": a.next_attempt_at, "last_error": a.error,
                           "response": a.response, "updated_at": now}
-                if a.output is not None:
+                if a.rerender:
+                    values["output"] = None
+                elif a.output is not None:
                     values["output"] = a.output
                 conn.execute(update(deliveries).where(deliveries.c.id == a.delivery_id).values(**values))
             self._settle(conn, sorted({a.message_id for a in batch}))

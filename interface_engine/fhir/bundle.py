@@ -1,0 +1,105 @@
+"""From a FHIR template's loose JSON to a transaction Bundle that can be sent twice safely.
+
+A template renders `{"resources": [...]}`, each resource with a deterministic `id`
+derived from business identifiers. Here the empty values a template emits freely
+(null, "", [], {}) are removed, resources of the same type and id are merged (a
+later one fills what the first left out), a Provenance records the source message
+(MSH-3/4, MSH-10), and every resource becomes a `PUT Type/id` entry: sending the same
+message again, or replaying a day of them, leaves the server with the same resources.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import datetime, timezone
+
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+PROVENANCE_NAMESPACE = uuid.UUID("0b0d9e4e-5f6f-5c1b-9a55-6f1d3c1e7a10")
+
+
+class BundleError(ValueError):
+    """The template's output cannot become a Bundle; says what, never which values."""
+
+
+def prune(value):
+    """`value` without null, "", [] and {} anywhere inside; None if nothing is left."""
+    if isinstance(value, dict):
+        kept = {k: v for k, v in ((k, prune(v)) for k, v in value.items()) if v is not None}
+        return kept or None
+    if isinstance(value, list):
+        kept = [v for v in (prune(v) for v in value) if v is not None]
+        return kept or None
+    if value is None or value == "":
+        return None
+    return value
+
+
+def merge(first: dict, later: dict) -> dict:
+    """`first` with what only `later` has; lists gain the items they lack."""
+    out = dict(first)
+    for key, value in later.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge(out[key], value)
+        elif isinstance(out[key], list) and isinstance(value, list):
+            out[key] = out[key] + [v for v in value if v not in out[key]]
+    return out
+
+
+def build(rendered: dict, source: dict) -> dict:
+    """The transaction Bundle for one message. `source` names it: sender, facility, control id, type, time."""
+    if not isinstance(rendered, dict) or not isinstance(rendered.get("resources"), list):
+        raise BundleError('a FHIR template must render {"resources": [...]}')
+    resources: dict[tuple[str, str], dict] = {}
+    for n, resource in enumerate(rendered["resources"]):
+        resource = prune(resource)
+        if resource is None:
+            continue
+        kind, rid = resource.get("resourceType"), resource.get("id")
+        if not isinstance(kind, str) or not _TYPE.match(kind):
+            raise BundleError(f"resources[{n}] has no valid resourceType")
+        if not isinstance(rid, str) or not _ID.match(rid):
+            raise BundleError(f"resources[{n}] ({kind}) has no valid id: ids must be deterministic, "
+                              "from fhir.id(...)")
+        key = (kind, rid)
+        resources[key] = merge(resources[key], resource) if key in resources else resource
+    if not resources:
+        raise BundleError("the template produced no resource")
+    entries = list(resources.values())
+    entries.append(provenance(entries, source))
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                  for r in entries],
+    }
+
+
+def provenance(resources: list[dict], source: dict) -> dict:
+    """Which HL7 v2 message these resources came from; its id depends on that message only."""
+    sender = "|".join(filter(None, (source.get("application"), source.get("facility"))))
+    control_id = source.get("control_id") or ""
+    rid = str(uuid.uuid5(PROVENANCE_NAMESPACE, f"{sender}|{control_id}|{source.get('sha256', '')}"))
+    entity = {"role": "source", "what": {"display": f"HL7 v2 {source.get('type', '')} {control_id}".strip()}}
+    if control_id:
+        entity["what"]["identifier"] = {"system": "urn:id:hl7v2-message-control-id", "value": control_id}
+    return {
+        "resourceType": "Provenance",
+        "id": rid,
+        "target": [{"reference": f"{r['resourceType']}/{r['id']}"} for r in resources],
+        "recorded": source.get("recorded") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                                 "code": "CREATE" if not source.get("update") else "UPDATE"}]},
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "assembler"}]},
+                   "who": {"display": sender or "unknown sender"}}],
+        "entity": [entity],
+    }
+
+
+def to_bytes(bundle: dict) -> bytes:
+    return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
