@@ -20,7 +20,6 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from .channels.config import ChannelConfig, load_channels
@@ -136,12 +135,16 @@ class Engine(service.MultiService):
         """Re-read the channel files; keep the running set if the new one does not validate."""
         try:
             channels, mappings = load_channel_set(self.config)
-            self._arrange(channels)
-        except (ConfigError, OSError, CannotListenError) as e:
+        except (ConfigError, OSError) as e:
             log.error("reload refused, the running channels stay: {error}", error=str(e))
             return False
+        try:
+            self._arrange(channels)
+            self.runtime.reload(channels, mappings)
+        except Exception as e:  # e.g. a port now taken: what could be applied stays applied
+            log.error("reload applied in part: {error}; fix it and reload again", error=str(e) or type(e).__name__)
+            return False
         self.channels = channels
-        self.runtime.reload(channels, mappings)
         log.info("reloaded: {count} channel(s)", count=len(channels))
         return True
 

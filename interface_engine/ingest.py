@@ -57,9 +57,13 @@ class Ingest:
         """The channel that takes this message here, or an HL7Error saying none does."""
         if not self.routes:
             return None, None
-        for channel in self.routes:
-            if channel.accepts(header.message_type, header.trigger_event):
-                return channel, None
+        best, rank = None, -1
+        for channel in self.routes:  # the most specific pattern wins: ADT^A01 before ADT before *
+            r = channel.match(header.message_type, header.trigger_event)
+            if r is not None and r > rank:
+                best, rank = channel, r
+        if best is not None:
+            return best, None
         kind = f"{header.message_type}^{header.trigger_event}".rstrip("^")
         return None, hl7.HL7Error("200", f"no channel on listener {self.listener} takes {kind} messages")
 

@@ -102,11 +102,17 @@ class ChannelConfig:
         return next((d for d in self.destinations if d.name == name), None)
 
     def accepts(self, message_type: str, trigger: str) -> bool:
+        return self.match(message_type, trigger) is not None
+
+    def match(self, message_type: str, trigger: str) -> int | None:
+        """How specifically this channel takes a type: 2 for TYPE^EVENT, 1 for TYPE, 0 for *."""
+        best = None
         for pattern in self.source.message_types:
             kind, _, event = pattern.partition("^")
             if kind in ("*", message_type) and (not event or event in ("*", trigger)):
-                return True
-        return False
+                rank = 0 if kind == "*" else 2 if event not in ("", "*") else 1
+                best = rank if best is None else max(best, rank)
+        return best
 
 
 def load_channel(path: str | Path, checker=None) -> ChannelConfig:
@@ -247,7 +253,7 @@ def _auth(a: Section) -> AuthConfig:
             a.fail(key, f"required for auth type {kind!r}")
     for key in ("token", "client_secret", "private_key"):
         value = values[key]
-        if value is not None and not value.startswith(("env:", "file:")):
+        if value is not None and (not value.startswith(("env:", "file:")) or not value.split(":", 1)[1]):
             a.fail(key, "expected a reference such as env:NAME or file:/path, not a literal secret")
     return AuthConfig(type=kind, algorithm=algorithm, **values)
 
@@ -284,6 +290,8 @@ def check_together(channels: list[ChannelConfig], engine: EngineConfig):
     """What no single file can know: unique names, existing listeners, unambiguous routing."""
     seen: dict[str, str] = {}
     listeners = {listener.name for listener in engine.listeners}
+    ports = {(listener.host, listener.port): f"listener {listener.name!r} of {engine.path}"
+             for listener in engine.listeners if listener.port}
     claims: dict[tuple, ChannelConfig] = {}
     for c in channels:
         if c.name in seen:
@@ -298,7 +306,14 @@ def check_together(channels: list[ChannelConfig], engine: EngineConfig):
                                   f"{engine.path} ({known}), got {c.source.listener!r}")
             where = ("listener", c.source.listener)
         else:
-            where = ("port", c.source.own_listener.host, c.source.own_listener.port)
+            own = c.source.own_listener
+            where = ("port", own.host, own.port)
+            taken = ports.get((own.host, own.port))
+            if taken:
+                raise ConfigError(f"{c.file}: source.port: {own.host}:{own.port} is already used by "
+                                  f"{taken}; to share a port, name a [[listeners]] entry as source.listener")
+            if own.port:
+                ports[(own.host, own.port)] = f"channel {c.name!r} ({c.file})"
         for pattern in c.source.message_types:
             other = claims.get(where + (pattern,))
             if other is not None:

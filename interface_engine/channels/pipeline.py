@@ -34,7 +34,9 @@ def variables(channel: ChannelConfig, destination: DestinationConfig | None = No
             "destination": {"name": destination.name, "type": destination.type} if destination else None}
 
 
-def decide(channel: ChannelConfig, mappings: Mappings, msg) -> Decision:
+def decide(channel: ChannelConfig, mappings: Mappings, msg, raw: bytes | None = None) -> Decision:
+    """The channel filter, then each destination's share. `raw`: the bytes as stored, for
+    destinations without a template."""
     if channel.when:
         try:
             taken = mappings.filter(channel.when)(msg, timezone=channel.timezone,
@@ -46,7 +48,20 @@ def decide(channel: ChannelConfig, mappings: Mappings, msg) -> Decision:
                                         for d in channel.destinations))
         if not taken:
             return Decision(f"channel filter: {channel.when}", ())
-    return Decision(None, tuple(prepare(channel, d, mappings, msg) for d in channel.destinations))
+    return Decision(None, tuple(prepare(channel, d, mappings, msg, raw) for d in channel.destinations))
+
+
+def prepare_again(channel: ChannelConfig, destination: DestinationConfig, mappings: Mappings, msg,
+                  raw: bytes) -> NewDelivery:
+    """A delivery rendered anew at a retry: the channel filter may have been changed since too."""
+    if channel.when:
+        try:
+            if not mappings.filter(channel.when)(msg, timezone=channel.timezone,
+                                                 variables=variables(channel)):
+                return NewDelivery(destination.name, FILTERED, error=f"channel filter: {channel.when}")
+        except TemplateError as e:
+            return NewDelivery(destination.name, ERROR, error=f"channel filter failed: {e}")
+    return prepare(channel, destination, mappings, msg, raw)
 
 
 def prepare(channel: ChannelConfig, destination: DestinationConfig, mappings: Mappings, msg,
@@ -97,7 +112,10 @@ def safe_target(template: str, rendered: str) -> str:
     target = os.path.normpath(rendered)
     if not rendered.strip() or "\x00" in rendered or rendered.endswith(("/", os.sep)):
         raise TemplateError(f"path template {template!r} rendered an empty or invalid file name")
-    outside = base not in ("", ".") and os.path.commonpath([base, target]) != base
+    if base in ("", "."):
+        outside = os.path.isabs(target)  # no fixed folder: the message may not pick an absolute one
+    else:
+        outside = os.path.isabs(base) != os.path.isabs(target) or os.path.commonpath([base, target]) != base
     if outside or ".." in target.split(os.sep):
         raise TemplateError(f"path template {template!r} rendered a path outside {base or '.'}/")
     return target

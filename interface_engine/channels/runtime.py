@@ -30,7 +30,7 @@ from ..destinations.mllp import MLLPDestination
 from ..store import (DEAD, ERROR, FILTERED, QUEUED, SENT, Attempt, Processed, QueuedDelivery,
                      utcnow)
 from .config import ChannelConfig, DestinationConfig
-from .pipeline import decide, prepare
+from .pipeline import decide, prepare_again
 from .templating import Mappings
 
 log = Logger()
@@ -112,15 +112,18 @@ class ChannelRuntime:
         """Apply new channel configs: unchanged destinations keep their worker and connection."""
         self.mappings = mappings
         self._apply(channels)
+        if self._running:
+            self._resume()  # messages of a channel that is back, left `received` meanwhile
 
     def _apply(self, channels: list[ChannelConfig]):
         self.channels = {c.name: c for c in channels if c.enabled}
         wanted = {(c.name, d.name): (c, d) for c in self.channels.values() for d in c.destinations}
+        stopping: dict[tuple[str, str], defer.Deferred] = {}
         for key in list(self.workers):
             worker = self.workers[key]
             if key not in wanted or wanted[key][1] != worker.config:
                 del self.workers[key]
-                worker.stop()
+                stopping[key] = worker.stop()
         for key, (channel, destination) in wanted.items():
             if key in self.workers:
                 self.workers[key].channel = channel
@@ -128,7 +131,12 @@ class ChannelRuntime:
             worker = DestinationWorker(self, channel, destination, make_destination(destination, self.reactor))
             self.workers[key] = worker
             if self._running:
-                worker.start()
+                # Never two workers on one queue: the new one waits for the old one's attempt.
+                after = stopping.get(key)
+                if after is None:
+                    worker.start()
+                else:
+                    after.addBoth(lambda _, w=worker: w.start() if w is self.workers.get(key) else None)
 
     @defer.inlineCallbacks
     def _resume(self):
@@ -179,7 +187,7 @@ class ChannelRuntime:
             if channel is None:
                 continue  # the channel was removed: the message stays `received`
             msg = hl7.parse(raw, **self.charsets)
-            decision = decide(channel, mappings, msg)
+            decision = decide(channel, mappings, msg, raw)
             results.append(Processed(message_id, name, decision.filter_reason, decision.deliveries))
         return results
 
@@ -361,7 +369,7 @@ class DestinationWorker:
         def work():
             row = store.get_message(message_id)
             msg = hl7.parse(row["raw"], **charsets)
-            return prepare(channel, self.config, mappings, msg, raw=row["raw"])
+            return prepare_again(channel, self.config, mappings, msg, row["raw"])
         return threads.deferToThreadPool(self.runtime.reactor, self.runtime._pool, work)
 
     def _failed(self, delivery, started_at, started, result: Result, output=None) -> Attempt:

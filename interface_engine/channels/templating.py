@@ -78,6 +78,8 @@ Helpers (each works as a function and as a filter)
 - ``uuid5(*parts)``: a deterministic id from the parts joined with ``|``:
   ``uuid5('Patient', msg['PID-3.4'], msg['PID-3.1'])`` is the same id forever.
 - ``tojson``: see the json kind.
+- ``fhir``: HL7 v2 datatypes as FHIR ones (``fhir.names(msg, 'PID-5') | tojson``);
+  see interface_engine/fhir/datatypes.py.
 - ``csv_row(*values)``: one RFC 4180 line, no line end, quoting where needed
   (CR and LF stay inside quotes): ``{{ csv_row(msg['PID-3.1'], msg['PID-5.1']) }}``
   or ``{{ [a, b] | csv_row }}``.
@@ -124,6 +126,7 @@ from jinja2.utils import missing
 from lxml import etree
 
 from interface_engine import hl7
+from interface_engine.fhir.datatypes import FHIRNamespace
 from interface_engine.hl7.escape import delimiters
 
 from .helpers import (
@@ -436,9 +439,11 @@ class Mappings:
             "hl7_datetime": _hl7_datetime, "hl7_instant": _hl7_instant,
             "lookup": self._lookup, "uuid5": uuid5, "csv_row": csv_row,
         }
+        fhir = FHIRNamespace(self._table, lambda: _STATE.get().zone)
         for env in self._envs.values():
             env.globals.update(helpers)
             env.filters.update(helpers)
+            env.globals["fhir"] = fhir
 
     def __repr__(self) -> str:
         return f"<Mappings {self.directory.name!r}>"

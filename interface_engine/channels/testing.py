@@ -107,13 +107,14 @@ def run_cases(channel: ChannelConfig, mappings: Mappings, *, update: bool = Fals
         reports = dry_run(channel, mappings, source.read_bytes(), case.name, charsets)
         actual = _expectations(reports)
         expected_dir = case / "expected"
+        errors = [f"{case.name}: {r.label}: ERROR {d.destination}: {d.error}"
+                  for r in reports for d in r.destinations if d.state == ERROR]
         if update:
             _write(expected_dir, actual)
-            results.append(CaseResult(case.name, []))
+            results.append(CaseResult(case.name, errors))
             continue
         expected = {p.name: p.read_bytes() for p in expected_dir.iterdir()} if expected_dir.is_dir() else {}
-        problems = [f"{case.name}: {r.label}: ERROR {d.destination}: {d.error}"
-                    for r in reports for d in r.destinations if d.state == ERROR]
+        problems = list(errors)
         for name in sorted(set(expected) | set(actual)):
             if name not in actual:
                 problems.append(f"{case.name}: expected/{name} was expected but not produced")

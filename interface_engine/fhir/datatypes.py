@@ -1,0 +1,646 @@
+"""The ``fhir`` template namespace: HL7 v2 datatypes as FHIR R4 datatypes, plain dicts ready for ``| tojson``.
+
+FHIR templates would otherwise repeat the same dozen lines for every name,
+address or coded value, each a chance to emit invalid FHIR. These helpers
+follow the datatype and vocabulary maps of the HL7 Version 2 to FHIR IG
+(v1.0.0); where they depart from it, the entry says so.
+
+Calling them
+------------
+``fhir.<name>(src, path, ...)``: ``src`` is ``msg`` (the path names a segment,
+``'PID-5'``, ``'OBX[2]-5'``) or a segment from ``msg.segment(...)`` /
+``msg.segments(...)`` (the path may leave the segment out: ``'5'``). A bare
+field path (``'PID-3'``) reads every repetition, ``'PID-3[2]'`` one; a
+component path (``'PID-3.4'``) reads its sub-components as the datatype's
+parts (a CWE or HD inside a composite). ``src`` none (an absent segment) reads
+as empty.
+
+Results are dicts, lists and strings; an empty source gives ``None`` or
+``[]``, never ``''`` or an empty dict (FHIR allows no empty values). Bad data
+(a malformed date, a missing component, a number that is not one, an unknown
+code) never raises: the element is left out. Only a template mistake raises
+(TemplateError): a malformed path, a ``src`` that is not ``msg`` or a segment,
+an unknown table. Every value is decoded (escapes resolved), trimmed, and the
+v2 null ``""`` counts as empty.
+
+Code tables live in ``<mappings>/tables/`` (see templating.py ``lookup``);
+the v2-to-FHIR vocabulary maps are tables too, so a site can change them
+without code (the IG asks that vocabulary mapping be configuration). A table
+``v2-NNNN-*.csv`` has ``code`` (the v2 code), ``display`` (the FHIR code)
+and, where the target is a Coding, ``system`` and ``name`` (its display).
+A v2 code a table lacks gives no FHIR code: the IG leaves it unmatched.
+
+Functions
+---------
+- ``fhir.id('Patient', msg['PID-3.4.1'], msg['PID-3.1'])``: a FHIR id, the
+  ``uuid5`` helper's (same parts, same id, forever; none counts as '').
+- ``fhir.identifiers(msg, 'PID-3', type=none)`` / ``fhir.identifier(...)``
+  (first or none): CX to Identifier. ``value`` CX.1 (a repetition without
+  it is left out); ``system`` from the assigning authority CX.4: its namespace
+  id CX.4.1 in table ``identifier-systems`` (``code,system``), else CX.4.2 by
+  CX.4.3 (ISO ``urn:oid:``, UUID ``urn:uuid:``, URI/URL as is), else
+  ``urn:id:<CX.4.1>`` (percent-encoded), else none; ``type`` CX.5 (or
+  ``type=`` when CX.5 is empty) in v2-0203; ``period`` CX.7/CX.8. Departs:
+  CX.4 always gives ``system``, never ``assigner``; no check-digit extensions.
+- ``fhir.names(msg, 'PID-5')``: XPN to HumanName. ``family`` XPN.1 (FN.1),
+  ``given`` [XPN.2, XPN.3] (XPN.3 kept whole: "Mary Anne" is one item),
+  ``prefix`` XPN.5, ``suffix`` [XPN.4, XPN.6, XPN.14], ``use`` XPN.7 by
+  ``v2-0200-name-use``, ``period`` XPN.12/XPN.13 else XPN.10. XPN.15 (called
+  by) adds a second name, ``use`` nickname. Departs: no assembly-order
+  extension (XPN.11). A repetition with no name part is left out.
+- ``fhir.addresses(msg, 'PID-11')``: XAD to Address. ``line`` [SAD.1, SAD.2,
+  SAD.3, XAD.2], ``city`` XAD.3, ``state`` XAD.4, ``postalCode`` XAD.5,
+  ``country`` XAD.6, ``district`` XAD.9, ``use`` XAD.7 by
+  ``v2-0190-address-use`` (H home, B/O work, C temp, BI billing, BA old),
+  ``type`` XAD.7 by ``v2-0190-address-type`` (M, SH postal), ``period``
+  XAD.13/XAD.14 else XAD.12. Departs: no census-tract or iso21090 extensions,
+  addressee XAD.19 left out.
+- ``fhir.telecoms(msg, 'PID-13')``: XTN to ContactPoint. ``system`` XTN.3 by
+  ``v2-0202-telecom-system`` (CP is phone with ``use`` mobile); ``value``
+  XTN.4 for Internet/X.400, else XTN.12, else built from XTN.5-8
+  (``+1 555 5550100 X12``), else XTN.1; ``use`` XTN.2 by
+  ``v2-0201-telecom-use``; ``period`` XTN.13/XTN.14; ``rank`` XTN.18.
+  Departs: no XTN.3 gives email when the value is XTN.4 or holds '@', else
+  phone (FHIR needs a system with a value; the IG puts a data-absent-reason
+  there); no contactpoint-* extensions. A repetition without value is left out.
+- ``fhir.concept(obx, '3', system=none)`` / ``fhir.concepts(...)`` (every
+  repetition): CWE/CE/CNE to CodeableConcept. A coding per triplet with a
+  code (CWE.1-3, 4-6, 10-12; version CWE.7, 8, 13); its ``system`` from the
+  coding system name by table ``coding-systems`` (``code,system``), else
+  ``HL7nnnn`` as ``http://terminology.hl7.org/CodeSystem/v2-nnnn``, else a
+  name that is itself an OID or URI, else the triplet's OID (CWE.14, 17, 20).
+  A name none of these knows (a local "L", "99XYZ") gives a coding without
+  system: add a row to coding-systems rather than invent one. ``system=``
+  (a URI or a name those rules know) is the system of triplets that name
+  none: ``fhir.concept(msg, 'PID-8', system='HL70001')``. ``text`` CWE.9,
+  else CWE.2.
+- ``fhir.code(msg['PID-8'], 'v2-0001-gender')``: a v2 code through a table,
+  ``none`` when it has no row (unlike ``lookup``), for the ``code`` elements
+  with required bindings; ``column=`` picks another column.
+  ``fhir.coding(msg['PV1-2'], 'v2-0004-encounter-class')``: the same as a
+  Coding (``system``, ``code``, ``display`` from the columns above).
+- ``fhir.datetime(msg, 'PID-7')``, ``fhir.date(msg, 'PID-7')`` (at most a
+  day, for ``birthDate``), ``fhir.instant(msg, 'MSH-7')``: DTM/TS to dateTime,
+  as ``hl7_datetime``/``hl7_instant``: the precision sent (``'2023'`` stays
+  ``2023``), a time without offset gets the render's time zone (the
+  channel's, read when called), an instant needs seconds. Reads TS.1.
+- ``fhir.quantity(obx['5'], obx, '6')``: NM and units to Quantity.
+  ``value`` a JSON number (an int when the text has no decimal point, else
+  the nearest double: exact to 15 significant digits; ``1.50`` gives 1.5, the
+  json output re-serialises numbers anyway); ``unit`` CWE.2 else CWE.1;
+  ``system``/``code`` when CWE.3 names a known system, or when CWE.3 is empty
+  or UCUM and CWE.1 is in table ``ucum-units`` (``code`` the v2 unit,
+  ``display`` its UCUM code, e.g. ``mEq/L`` to ``meq/L``). The units may be a
+  plain unit string instead: ``fhir.quantity(v, 'kg')``. Not a number: none.
+- ``fhir.sn(obx, '5', '6')``: SN to ``{"kind": K, "value": V}`` for
+  ``"value" ~ kind``: Quantity (``>^100``, comparator kept), Range
+  (``^10^-^20``), Ratio (``^1^:^128``, ``^1^/^2``), or String (``<>``, ``2+``
+  and anything else the IG sends to valueString, parts joined by spaces);
+  the units (third argument, a path in the same ``src``) go on every
+  quantity, as the IG maps OBX-6. None when empty.
+- ``fhir.reference_range(obx, '7', '6')``: OBX-7 to an Observation
+  referenceRange: ``text`` always, ``low``/``high`` when it reads
+  ``3.5-5.0``, ``<5`` / ``<=5`` (high), ``>10`` / ``>=10`` (low).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from datetime import UTC, tzinfo
+from urllib.parse import quote
+
+from interface_engine import hl7
+from interface_engine.channels.helpers import (
+    Encoded, HelperError, TemplateMessage, TemplateSegment, hl7_to_iso, uuid5,
+)
+from interface_engine.hl7.escape import Delimiters
+from interface_engine.hl7.path import Path, parse_path
+
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+UCUM = "http://unitsofmeasure.org"
+
+_HEADER_IDS = frozenset({"MSH", "FHS", "BHS"})
+_BAD_PATH = ("a malformed HL7 path: expected SEG[n]-field[r].component.subcomponent with 1-based numbers, "
+             "e.g. PID-5, OBX[2]-5, or '5' read from a segment")
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_HL7_TABLE = re.compile(r"HL7(\d{4})", re.ASCII | re.IGNORECASE)
+_OID = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+", re.ASCII)
+_URI = re.compile(r"(?:https?|urn):\S+", re.ASCII | re.IGNORECASE)
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+_MAX_NUMBER = 40  # characters; a longer "number" is not a measurement
+_COMPARATORS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
+_RANGE = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*-\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*",
+                    re.ASCII)
+_BOUND = re.compile(r"\s*(<=|>=|<|>)\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*", re.ASCII)
+_PRECISIONS = (None, "year", "month", "day", "second")
+_TRIPLETS = ((1, 2, 3, 7, 14), (4, 5, 6, 8, 17), (10, 11, 12, 13, 20))  # code, display, system, version, OID
+
+
+class _Value:
+    """One datatype instance: components, each a list of encoded sub-components, decoded on read."""
+
+    __slots__ = ("_parts", "_delimiters", "_encoding")
+
+    def __init__(self, parts: list[list[str]], delimiters: Delimiters, encoding: str):
+        self._parts = parts
+        self._delimiters = delimiters
+        self._encoding = encoding
+
+    def get(self, component: int, sub: int = 1) -> str:
+        """Decoded and trimmed; '' when missing or the v2 null ``""``."""
+        parts = self._parts
+        if component > len(parts):
+            return ""
+        subs = parts[component - 1]
+        if sub > len(subs):
+            return ""
+        raw = subs[sub - 1]
+        if not raw or raw == '""':
+            return ""
+        return self._delimiters.unescape(raw, self._encoding).strip()
+
+
+def _split(text: str, sep: str) -> list[str]:
+    return text.split(sep) if sep else [text]
+
+
+def _nth(text: str, sep: str, n: int) -> str:
+    parts = _split(text, sep)
+    return parts[n - 1] if n <= len(parts) else ""
+
+
+def _field(segment: hl7.Segment, n: int) -> str:
+    """The encoded text of field ``n``; MSH-1/MSH-2 (delimiters, never a datatype) read as ''."""
+    parts = segment._fields()
+    if segment.name in _HEADER_IDS:
+        if n <= 2:
+            return ""
+        n -= 1
+    return parts[n] if n < len(parts) else ""
+
+
+def _put(out: dict, key: str, value) -> None:
+    if value:
+        out[key] = value
+
+
+def _number(text) -> int | float | None:
+    """An HL7 NM as a JSON number; none if it is not one."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text if text == text and abs(text) != float("inf") else None
+    t = text.strip() if isinstance(text, str) else ""
+    if len(t) > _MAX_NUMBER or not _NUMBER.fullmatch(t):
+        return None
+    if "." not in t:
+        return int(t)
+    return float(t)
+
+
+def _mapped(rows: dict, code: str) -> str | None:
+    """The FHIR code a vocabulary table gives a v2 code; none when it has no row (unmatched)."""
+    row = rows.get(code) if code else None
+    return (row["display"] or None) if row else None
+
+
+def _period(start: str | None, end: str | None) -> dict | None:
+    out: dict = {}
+    _put(out, "start", start)
+    _put(out, "end", end)
+    return out or None
+
+
+def _identifier_system(rows: dict, namespace: str, universal: str, kind: str) -> str | None:
+    """CX.4 as an Identifier.system: the table, else HD.2 by HD.3, else urn:id:HD.1."""
+    if namespace:
+        row = rows.get(namespace)
+        if row and row["system"]:
+            return row["system"]
+    if universal:
+        kind = kind.upper()
+        if kind == "ISO":
+            oid = universal[8:] if universal.lower().startswith("urn:oid:") else universal
+            if _OID.fullmatch(oid):
+                return "urn:oid:" + oid
+        elif kind == "UUID":
+            try:
+                return "urn:uuid:" + str(uuid.UUID(universal))
+            except ValueError:
+                pass
+        elif kind in ("URI", "URL") and _URI.fullmatch(universal):
+            return universal
+    if namespace:
+        return "urn:id:" + quote(namespace, safe="-._~!$&'()*+,;=:@")
+    return None
+
+
+class FHIRNamespace:
+    """What templates reach as ``fhir``: only the public methods below; nothing else is an attribute.
+
+    ``tables(name)`` gives a code table as templating's Mappings loads it
+    (header, rows by code); ``zone()`` the time zone of the render under way.
+    """
+
+    __slots__ = ("_tables", "_zone")
+
+    def __init__(self, tables: Callable[[str], tuple], zone: Callable[[], tzinfo] | None = None):
+        self._tables = tables
+        self._zone = zone or (lambda: UTC)
+
+    def __repr__(self) -> str:
+        return "<fhir helpers>"
+
+    # ids
+
+    def id(self, resource_type, *parts) -> str:
+        """A deterministic FHIR id for a resource of this type and these business keys."""
+        if not isinstance(resource_type, str) or not _RESOURCE_TYPE.fullmatch(resource_type):
+            raise HelperError("fhir.id: the first argument is a resource type such as 'Patient'")
+        return uuid5(resource_type, *parts)
+
+    # CX
+
+    def identifiers(self, src, path, type=None) -> list[dict]:  # noqa: A002 - the templates' word
+        """Every CX repetition with a value as an Identifier."""
+        if type is not None and not isinstance(type, str):
+            raise HelperError("fhir.identifiers: type= is a v2-0203 code such as 'MR'")
+        header, systems = self._table("identifiers", "identifier-systems", "system")
+        out = []
+        for v in self._values(src, path, "identifiers"):
+            value = v.get(1)
+            if not value:
+                continue
+            ident: dict = {"value": value}
+            _put(ident, "system", _identifier_system(systems, v.get(4, 1), v.get(4, 2), v.get(4, 3)))
+            code = v.get(5) or (type or "").strip()
+            if code:
+                ident["type"] = {"coding": [{"system": V2_0203, "code": code}]}
+            _put(ident, "period", _period(self._dt(v.get(7)), self._dt(v.get(8))))
+            out.append(ident)
+        return out
+
+    def identifier(self, src, path, type=None) -> dict | None:  # noqa: A002
+        """The first of ``identifiers``, or none."""
+        found = self.identifiers(src, path, type)
+        return found[0] if found else None
+
+    # XPN
+
+    def names(self, src, path) -> list[dict]:
+        """Every XPN repetition as a HumanName, and a nickname for XPN.15."""
+        header, uses = self._table("names", "v2-0200-name-use", "display")
+        out = []
+        for v in self._values(src, path, "names"):
+            name: dict = {}
+            _put(name, "family", v.get(1, 1))
+            _put(name, "given", [g for g in (v.get(2), v.get(3)) if g])
+            _put(name, "prefix", [p for p in (v.get(5),) if p])
+            _put(name, "suffix", [s for s in (v.get(4), v.get(6), v.get(14)) if s])
+            if name:
+                _put(name, "use", _mapped(uses, v.get(7)))
+                start, end = v.get(12), v.get(13)
+                if not (start or end):
+                    start, end = v.get(10, 1), v.get(10, 2)
+                _put(name, "period", _period(self._dt(start), self._dt(end)))
+                out.append(name)
+            called = v.get(15)
+            if called:
+                out.append({"given": [called], "use": "nickname"})
+        return out
+
+    # XAD
+
+    def addresses(self, src, path) -> list[dict]:
+        """Every XAD repetition as an Address."""
+        header, uses = self._table("addresses", "v2-0190-address-use", "display")
+        header, types = self._table("addresses", "v2-0190-address-type", "display")
+        out = []
+        for v in self._values(src, path, "addresses"):
+            address: dict = {}
+            _put(address, "line", [x for x in (v.get(1, 1), v.get(1, 2), v.get(1, 3), v.get(2)) if x])
+            _put(address, "city", v.get(3))
+            _put(address, "district", v.get(9))
+            _put(address, "state", v.get(4))
+            _put(address, "postalCode", v.get(5))
+            _put(address, "country", v.get(6))
+            if not address:
+                continue
+            kind = v.get(7)
+            _put(address, "use", _mapped(uses, kind))
+            _put(address, "type", _mapped(types, kind))
+            start, end = v.get(13), v.get(14)
+            if not (start or end):
+                start, end = v.get(12, 1), v.get(12, 2)
+            _put(address, "period", _period(self._dt(start), self._dt(end)))
+            out.append(address)
+        return out
+
+    # XTN
+
+    def telecoms(self, src, path) -> list[dict]:
+        """Every XTN repetition with a value as a ContactPoint."""
+        header, systems = self._table("telecoms", "v2-0202-telecom-system", "display")
+        header, uses = self._table("telecoms", "v2-0201-telecom-use", "display")
+        out = []
+        for v in self._values(src, path, "telecoms"):
+            equipment, email = v.get(3), v.get(4)
+            if equipment in ("Internet", "X.400"):
+                value = email or (v.get(1) if "@" in v.get(1) else "")
+            else:
+                value = v.get(12) or self._phone(v) or v.get(1)
+                if not value and not equipment:
+                    value = email
+            if not value:
+                continue
+            point: dict = {}
+            row = systems.get(equipment) if equipment else None
+            if not equipment:
+                point["system"] = "email" if value == email or "@" in value else "phone"
+            else:  # FHIR wants a system with every value: an equipment type the table lacks is 'other'
+                point["system"] = (row["display"] if row else "") or "other"
+            point["value"] = value
+            use = (row or {}).get("use") or _mapped(uses, v.get(2))
+            _put(point, "use", use)
+            rank = _number(v.get(18))
+            if isinstance(rank, int) and rank > 0:
+                point["rank"] = rank
+            _put(point, "period", _period(self._dt(v.get(13)), self._dt(v.get(14))))
+            out.append(point)
+        return out
+
+    @staticmethod
+    def _phone(v: _Value) -> str:
+        local = v.get(7)
+        if not local:
+            return ""
+        country, area, extension = v.get(5), v.get(6), v.get(8)
+        parts = [f"+{country}" if country else "", area, local, f"X{extension}" if extension else ""]
+        return " ".join(p for p in parts if p)
+
+    # CWE
+
+    def concept(self, src, path, system=None) -> dict | None:
+        """The first CWE repetition as a CodeableConcept, or none."""
+        default = self._default_system("concept", system)
+        for v in self._values(src, path, "concept"):
+            found = self._concept(v, default)
+            if found:
+                return found
+        return None
+
+    def concepts(self, src, path, system=None) -> list[dict]:
+        """Every CWE repetition as a CodeableConcept."""
+        default = self._default_system("concepts", system)
+        return [c for c in (self._concept(v, default) for v in self._values(src, path, "concepts")) if c]
+
+    def _default_system(self, fn: str, system) -> str | None:
+        self._table(fn, "coding-systems", "system")  # a missing table is an error even for empty values
+        if system is None:
+            return None
+        found = self._system(system, "") if isinstance(system, str) else None
+        if found is None:
+            raise HelperError(f"fhir.{fn}: system= is a URI or a coding system name "
+                              "that the coding-systems table or the HL7nnnn form gives a URI")
+        return found
+
+    def _concept(self, v: _Value, default: str | None) -> dict | None:
+        codings = []
+        for code_at, display_at, system_at, version_at, oid_at in _TRIPLETS:
+            code = v.get(code_at)
+            if not code:
+                continue
+            name, oid = v.get(system_at), v.get(oid_at)
+            system = self._system(name, oid) if (name or oid) else default
+            coding: dict = {}
+            if system:
+                coding["system"] = system
+                _put(coding, "version", v.get(version_at))
+            coding["code"] = code
+            _put(coding, "display", v.get(display_at))
+            if not any(c.get("system") == system and c["code"] == code for c in codings):
+                codings.append(coding)
+        concept: dict = {}
+        _put(concept, "coding", codings)
+        _put(concept, "text", v.get(9) or v.get(2))
+        return concept or None
+
+    def _system(self, name: str, oid: str) -> str | None:
+        """The URI of a v2 coding system name (or its OID); none when unknown."""
+        if name:
+            header, rows = self._table("concepts", "coding-systems", "system")
+            row = rows.get(name) or rows.get(name.upper())
+            if row and row["system"]:
+                return row["system"]
+            m = _HL7_TABLE.fullmatch(name)
+            if m:
+                return f"http://terminology.hl7.org/CodeSystem/v2-{m.group(1)}"
+            if _OID.fullmatch(name):
+                return "urn:oid:" + name
+            if _URI.fullmatch(name):
+                return name
+        if oid and _OID.fullmatch(oid):
+            return "urn:oid:" + oid
+        return None
+
+    # code tables
+
+    def code(self, value, table, column="display") -> str | None:
+        """The ``column`` of the row for ``value`` in ``table``; none when the table has no such row."""
+        header, rows = self._table("code", table, column)
+        row = rows.get(self._key(value))
+        return (row[column] or None) if row else None
+
+    def coding(self, value, table) -> dict | None:
+        """The row for ``value`` in ``table`` as a Coding (columns display, system, name); none when missing."""
+        header, rows = self._table("coding", table, "system")
+        row = rows.get(self._key(value))
+        if not row or not row.get("display"):
+            return None
+        coding: dict = {}
+        _put(coding, "system", row["system"])
+        coding["code"] = row["display"]
+        _put(coding, "display", row.get("name"))
+        return coding
+
+    @staticmethod
+    def _key(value) -> str:
+        return "" if value is None else str(value).strip()
+
+    # DTM / TS
+
+    def datetime(self, src, path, precision=None) -> str | None:
+        """TS.1/DTM as a FHIR dateTime at the precision sent (or ``precision``: year, month, day, second)."""
+        if precision not in _PRECISIONS:
+            raise HelperError("fhir.datetime: precision is one of year, month, day, second")
+        v = self._first(src, path, "datetime")
+        text = hl7_to_iso(v.get(1, 1), self._zone(), precision) if v else ""
+        return text or None
+
+    def date(self, src, path) -> str | None:
+        """TS.1/DTM as a FHIR date: at most a day, never a zone."""
+        return self.datetime(src, path, "day")
+
+    def instant(self, src, path) -> str | None:
+        """TS.1/DTM as a FHIR instant; none unless the value has seconds."""
+        v = self._first(src, path, "instant")
+        text = hl7_to_iso(v.get(1, 1), self._zone(), instant=True) if v else ""
+        return text or None
+
+    def _dt(self, value: str) -> str | None:
+        return (hl7_to_iso(value, self._zone()) or None) if value else None
+
+    # NM, SN
+
+    def quantity(self, value, units_src=None, units_path=None) -> dict | None:
+        """A numeric value (and units, read from ``units_src``/``units_path`` or given as text) as a Quantity."""
+        number = _number(value)
+        units = self._units("quantity", units_src, units_path)
+        if number is None:
+            return None
+        return {"value": number, **units}
+
+    def sn(self, src, path, units_path=None) -> dict | None:
+        """A structured numeric as ``{"kind": Quantity|Range|Ratio|String, "value": ...}``; none when empty."""
+        v = self._first(src, path, "sn")
+        units = self._units("sn", src, units_path) if units_path is not None else {}
+        if v is None:
+            return None
+        comparator, first, separator, second = v.get(1), v.get(2), v.get(3), v.get(4)
+        if not (comparator or first or separator or second):
+            return None
+        n1, n2 = _number(first), _number(second)
+        if comparator in ("", "=") or comparator in _COMPARATORS:
+            if separator in ("", ".") and not second and n1 is not None:
+                q = {"value": n1, **units}
+                _put(q, "comparator", _COMPARATORS.get(comparator))
+                return {"kind": "Quantity", "value": q}
+            if separator in (":", "/") and n1 is not None and n2 is not None:
+                numerator = {"value": n1, **units}
+                _put(numerator, "comparator", _COMPARATORS.get(comparator))
+                return {"kind": "Ratio", "value": {"numerator": numerator, "denominator": {"value": n2, **units}}}
+            numeric = (n1 is not None or not first) and (n2 is not None or not second)
+            if separator == "-" and comparator in ("", "=") and (first or second) and numeric:
+                rng: dict = {}
+                if n1 is not None:
+                    rng["low"] = {"value": n1, **units}
+                if n2 is not None:
+                    rng["high"] = {"value": n2, **units}
+                return {"kind": "Range", "value": rng}
+        text = " ".join(p for p in (comparator, first, separator, second, units.get("unit", "")) if p)
+        return {"kind": "String", "value": text}
+
+    def reference_range(self, src, path, units_path=None) -> dict | None:
+        """An OBX-7 reference range as ``{"text", "low"?, "high"?}``; none when empty."""
+        v = self._first(src, path, "reference_range")
+        units = self._units("reference_range", src, units_path) if units_path is not None else {}
+        text = v.get(1) if v else ""
+        if not text:
+            return None
+        out: dict = {"text": text}
+        m = _RANGE.fullmatch(text)
+        if m:
+            out["low"] = {"value": _number(m.group(1)), **units}
+            out["high"] = {"value": _number(m.group(2)), **units}
+            return out
+        m = _BOUND.fullmatch(text)
+        if m:
+            out["high" if m.group(1).startswith("<") else "low"] = {"value": _number(m.group(2)), **units}
+        return out
+
+    def _units(self, fn: str, src, path) -> dict:
+        """Quantity unit, system and code from a units CWE (or a plain unit string as ``src``)."""
+        header, ucum = self._table(fn, "ucum-units", "display")
+        self._table(fn, "coding-systems", "system")
+        if isinstance(src, Encoded):
+            raise HelperError(f"fhir.{fn}: give units as a segment and a path (obx, '6'), not a composite value")
+        if isinstance(src, str) and path is None:
+            code, text, name = src.strip(), "", ""
+        elif src is None and path is None:
+            return {}
+        else:
+            v = self._first(src, path, fn)
+            if v is None:
+                return {}
+            code, text, name = v.get(1), v.get(2), v.get(3)
+        out: dict = {}
+        _put(out, "unit", text or code)
+        system = self._system(name, "") if name else None
+        if code and (system == UCUM or not name):
+            row = ucum.get(code)
+            if row and row["display"]:
+                out["system"], out["code"] = UCUM, row["display"]
+            elif system == UCUM:
+                out["system"], out["code"] = UCUM, code
+        elif code and system:
+            out["system"], out["code"] = system, code
+        return out
+
+    # reading
+
+    def _table(self, fn: str, table, column: str) -> tuple:
+        try:
+            header, rows = self._tables(table)
+        except HelperError as e:
+            reason = str(e).removeprefix("lookup: ")
+        else:
+            if column not in header:
+                raise HelperError(f"fhir.{fn}: code table {table!r} has no {column!r} column")
+            return header, rows
+        raise HelperError(f"fhir.{fn}: {reason}")
+
+    def _first(self, src, path, fn: str) -> _Value | None:
+        values = self._values(src, path, fn)
+        return values[0] if values else None
+
+    @staticmethod
+    def _values(src, path, fn: str) -> list[_Value]:
+        """The datatype instances at ``path`` in ``src``: one per repetition read, empty ones left out."""
+        try:
+            p: Path = parse_path(path)
+        except ValueError:
+            raise HelperError(f"fhir.{fn}: {_BAD_PATH}") from None
+        if isinstance(src, TemplateMessage):
+            if not p.segment:
+                raise HelperError(f"fhir.{fn}: a path read from msg starts with a segment id, e.g. PID-5")
+            message = src._message
+            if p.occurrence is None:
+                segment = message.segment(p.segment)
+            else:
+                found = message.segments(p.segment)
+                segment = found[p.occurrence - 1] if p.occurrence <= len(found) else None
+        elif isinstance(src, TemplateSegment):
+            segment, message = src._segment, src._message
+            if not segment.name:
+                return []
+            if (p.segment and p.segment != segment.name) or p.occurrence is not None:
+                raise HelperError(f"fhir.{fn}: a path read from a segment names no other segment "
+                                  "and no occurrence [n]")
+        elif src is None:
+            return []
+        else:
+            raise HelperError(f"fhir.{fn} reads msg or a segment (msg.segment('PID'), msg.segments('OBX'))")
+        if segment is None:
+            return []
+        text = _field(segment, p.field)
+        if not text:
+            return []
+        d, encoding = message.delimiters, message.encoding
+        if p.repetition is None and p.component is None:
+            reps = _split(text, d.repetition_sep)
+        else:
+            reps = [_nth(text, d.repetition_sep, p.repetition or 1)]
+        values = []
+        for rep in reps:
+            if not rep or rep == '""':
+                continue
+            if p.component is None:
+                parts = [_split(c, d.subcomponent_sep) for c in _split(rep, d.component_sep)]
+            else:
+                component = _nth(rep, d.component_sep, p.component)
+                if p.subcomponent is None:
+                    parts = [[s] for s in _split(component, d.subcomponent_sep)]
+                else:
+                    parts = [[_nth(component, d.subcomponent_sep, p.subcomponent)]]
+            values.append(_Value(parts, d, encoding))
+        return values
