@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fhir_server import fhir_server  # noqa: F401  (the real FHIR test server, session-wide)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CORPUS = SHARED / "corpus" / "hl7v2"

@@ -29,6 +29,8 @@ from ..destinations.file import FileDestination
 from ..destinations.mllp import MLLPDestination
 from ..store import (DEAD, ERROR, FILTERED, QUEUED, SENT, Attempt, Processed, QueuedDelivery,
                      utcnow)
+from ..config import ConfigError
+from ..secrets import SecretError
 from .config import ChannelConfig, DestinationConfig
 from .pipeline import decide, prepare_again
 from .templating import Mappings
@@ -37,6 +39,7 @@ log = Logger()
 
 QUEUE_READ = 256
 IDLE_POLL = 5.0
+RETRY_AFTER_CAP = 3600.0
 
 
 def make_destination(config: DestinationConfig, reactor) -> Destination:
@@ -128,7 +131,11 @@ class ChannelRuntime:
             if key in self.workers:
                 self.workers[key].channel = channel
                 continue
-            worker = DestinationWorker(self, channel, destination, make_destination(destination, self.reactor))
+            try:
+                made = make_destination(destination, self.reactor)
+            except (SecretError, ValueError) as e:
+                raise ConfigError(f"{channel.file}: destination {destination.name}: {e}") from None
+            worker = DestinationWorker(self, channel, destination, made)
             self.workers[key] = worker
             if self._running:
                 # Never two workers on one queue: the new one waits for the old one's attempt.
@@ -382,7 +389,9 @@ class DestinationWorker:
                  then="; dead-lettered, the queue moves on" if give_up else "")
         if give_up:
             return self._record(delivery, started_at, started, result, DEAD, output=output)
-        wait = max(retry.delay(failures), result.retry_after or 0.0)
+        # The far side's Retry-After is honoured, up to an hour: a hostile or broken
+        # header must not hold a queue for years.
+        wait = max(retry.delay(failures), min(result.retry_after or 0.0, RETRY_AFTER_CAP))
         next_at = utcnow() + timedelta(seconds=wait)
         attempt = self._record(delivery, started_at, started, result, ERROR, next_at, output)
         if not result.retry:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import ipaddress
 import json
 import os
 import re
@@ -78,7 +79,7 @@ def retry_after(headers: Headers, now: float | None = None) -> float | None:
     if not values:
         return None
     value = values[-1].decode("latin-1").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(int(value))
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -87,6 +88,16 @@ def retry_after(headers: Headers, now: float | None = None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)  # HTTP-dates are GMT
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a host is this machine, the only place where plain http may carry credentials."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 class Auth:
@@ -120,8 +131,11 @@ class _TokenGrant(Auth):
     """An OAuth 2.0 access token from a token endpoint, cached until shortly before it expires."""
 
     def __init__(self, token_url: str, client_id: str, scope: str | None, clock=None):
-        if urlsplit(token_url).scheme not in ("http", "https") or not urlsplit(token_url).hostname:
-            raise ValueError(f"auth.token_url: expected an http:// or https:// URL, got {token_url!r}")
+        parts = urlsplit(token_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"auth.token_url: expected an https:// URL, got {token_url!r}")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError("auth.token_url: credentials would be sent in clear over http://; use https://")
         if not client_id:
             raise ValueError("auth.client_id: required")
         if clock is None:
@@ -198,7 +212,7 @@ def _token_response(body: bytes) -> tuple[bytes, float]:
     if not isinstance(kind, str) or kind.lower() != "bearer":
         raise AuthError("token endpoint: token_type is not Bearer")
     lifetime = data.get("expires_in", _DEFAULT_LIFETIME)
-    if isinstance(lifetime, str) and lifetime.isdigit():  # some servers send a string
+    if isinstance(lifetime, str) and lifetime.isascii() and lifetime.isdigit():  # sent as a string
         lifetime = int(lifetime)
     if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)):
         raise AuthError("token endpoint: expires_in is not a number")

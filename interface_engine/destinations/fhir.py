@@ -31,7 +31,7 @@ from twisted.web.http import PotentialDataLoss
 
 from treq.client import HTTPClient
 
-from .auth import Answer, Auth, AuthError, Headerdict, TransportError, retry_after
+from .auth import Answer, Auth, AuthError, Headerdict, TransportError, is_loopback, retry_after
 from .base import Destination, Result, never_fails, one_line
 
 log = Logger()
@@ -39,7 +39,6 @@ log = Logger()
 MAX_RESPONSE = 1024 * 1024  # kept of an answer; the rest is read and dropped
 _FHIR_JSON = b"application/fhir+json"
 _RETRYABLE_4XX = frozenset({408, 429})
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 # Below common server keep-alive timeouts (5 s for Node and Apache), so that a
 # kept connection is rarely one the server is just closing: a POST on such a
 # connection fails instead of being resent.
@@ -94,7 +93,7 @@ class FHIRDestination(Destination):
         self.url = base_url.rstrip("/")
         self.auth = auth if auth is not None else Auth()
         self.timeout = timeout
-        if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
             if type(self.auth) is not Auth:
                 raise ValueError("url: credentials would be sent in clear over http://; use https://")
             log.warn("destination {name}: {url} is plain http: messages travel unencrypted",
@@ -192,12 +191,12 @@ class FHIRDestination(Destination):
             self.auth.invalidate()
             return Result(ok=False, response=answer.body, error="HTTP 401: not authorised", retry=True)
         reason = _issue_text(answer.body) or one_line(answer.phrase) or "(no reason given)"
-        error = f"HTTP {code}: {reason}"
+        text = f"HTTP {code}: {reason}"
         if code in _RETRYABLE_4XX or code >= 500:
-            return Result(ok=False, response=answer.body, error=error, retry=True,
+            return Result(ok=False, response=answer.body, error=text, retry=True,
                           retry_after=retry_after(answer.headers))
         if 400 <= code < 500:
-            return Result(ok=False, response=answer.body, error=error, retry=False)
+            return Result(ok=False, response=answer.body, error=text, retry=False)
         # 1xx/3xx: redirects are not followed (a POST must not be re-sent elsewhere silently).
         moved = code in (301, 308)
         return Result(ok=False, response=answer.body, retry=not moved,
