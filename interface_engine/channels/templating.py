@@ -78,8 +78,8 @@ Helpers (each works as a function and as a filter)
 - ``uuid5(*parts)``: a deterministic id from the parts joined with ``|``:
   ``uuid5('Patient', msg['PID-3.4'], msg['PID-3.1'])`` is the same id forever.
 - ``tojson``: see the json kind.
-- ``fhir``: HL7 v2 datatypes as FHIR ones (``fhir.names(msg, 'PID-5') | tojson``);
-  see interface_engine/fhir/datatypes.py.
+- ``fhir``: a namespace, not a filter: HL7 v2 datatypes as FHIR ones
+  (``fhir.names(msg, 'PID-5') | tojson``); see interface_engine/fhir/datatypes.py.
 - ``csv_row(*values)``: one RFC 4180 line, no line end, quoting where needed
   (CR and LF stay inside quotes): ``{{ csv_row(msg['PID-3.1'], msg['PID-5.1']) }}``
   or ``{{ [a, b] | csv_row }}``.

@@ -30,6 +30,23 @@ without code (the IG asks that vocabulary mapping be configuration). A table
 and, where the target is a Coding, ``system`` and ``name`` (its display).
 A v2 code a table lacks gives no FHIR code: the IG leaves it unmatched.
 
+Shipped in mappings/tables/: the IG's maps ``v2-0001-gender``,
+``v2-0004-encounter-class`` (PV1-2 to Encounter.class: v3 ActCode, or the
+v2-0004 code where ActCode has none), ``v2-0063-relationship`` (v3 RoleCode,
+v2-0063 or v2-0131 as the IG splits it), ``v2-0078-interpretation``,
+``v2-0085-observation-status``, ``v2-0119-order-control`` (ORC-1 to
+ServiceRequest.status), ``v2-0123-report-status``, ``v2-0190-address-use``,
+``v2-0190-address-type``, ``v2-0200-name-use``, ``v2-0201-telecom-use``,
+``v2-0202-telecom-system``, ``v2-0278-appointment-status``,
+``v2-0322-completion-status``; ``v2-0271-document-status`` (TXA-17 to
+DocumentReference.docStatus) is this engine's, the IG has no map for it.
+``coding-systems`` holds the usual table 0396 names (LN, SCT, I10 for WHO
+ICD-10 and I10C for ICD-10-CM as table 0396 defines them, I9C, UCUM, CVX,
+NDC, RXNORM, C4/CPT...); ``identifier-systems`` is the site's own list of
+assigning authorities, shipped with synthetic examples (OIDs under 2.999,
+the arc kept for examples) and the US SSN and NPI systems; ``ucum-units``
+the lab units senders write without a coding system.
+
 Functions
 ---------
 - ``fhir.id('Patient', msg['PID-3.4.1'], msg['PID-3.1'])``: a FHIR id, the
@@ -47,7 +64,8 @@ Functions
   ``prefix`` XPN.5, ``suffix`` [XPN.4, XPN.6, XPN.14], ``use`` XPN.7 by
   ``v2-0200-name-use``, ``period`` XPN.12/XPN.13 else XPN.10. XPN.15 (called
   by) adds a second name, ``use`` nickname. Departs: no assembly-order
-  extension (XPN.11). A repetition with no name part is left out.
+  (XPN.11) or FN.2-5 surname-part extensions. A repetition with no name
+  part is left out.
 - ``fhir.addresses(msg, 'PID-11')``: XAD to Address. ``line`` [SAD.1, SAD.2,
   SAD.3, XAD.2], ``city`` XAD.3, ``state`` XAD.4, ``postalCode`` XAD.5,
   ``country`` XAD.6, ``district`` XAD.9, ``use`` XAD.7 by
@@ -139,7 +157,10 @@ _TRIPLETS = ((1, 2, 3, 7, 14), (4, 5, 6, 8, 17), (10, 11, 12, 13, 20))  # code, 
 
 
 class _Value:
-    """One datatype instance: components, each a list of encoded sub-components, decoded on read."""
+    """One datatype instance: components, each a list of encoded sub-components, decoded when read.
+
+    Decoding on read, not up front: most components a helper asks for are absent.
+    """
 
     __slots__ = ("_parts", "_delimiters", "_encoding")
 
@@ -261,7 +282,7 @@ class FHIRNamespace:
 
     # CX
 
-    def identifiers(self, src, path, type=None) -> list[dict]:  # noqa: A002 - the templates' word
+    def identifiers(self, src, path, type=None) -> list[dict]:
         """Every CX repetition with a value as an Identifier."""
         if type is not None and not isinstance(type, str):
             raise HelperError("fhir.identifiers: type= is a v2-0203 code such as 'MR'")
@@ -280,7 +301,7 @@ class FHIRNamespace:
             out.append(ident)
         return out
 
-    def identifier(self, src, path, type=None) -> dict | None:  # noqa: A002
+    def identifier(self, src, path, type=None) -> dict | None:
         """The first of ``identifiers``, or none."""
         found = self.identifiers(src, path, type)
         return found[0] if found else None
@@ -540,12 +561,14 @@ class FHIRNamespace:
         out: dict = {"text": text}
         m = _RANGE.fullmatch(text)
         if m:
-            out["low"] = {"value": _number(m.group(1)), **units}
-            out["high"] = {"value": _number(m.group(2)), **units}
-            return out
-        m = _BOUND.fullmatch(text)
-        if m:
-            out["high" if m.group(1).startswith("<") else "low"] = {"value": _number(m.group(2)), **units}
+            bounds = (("low", m.group(1)), ("high", m.group(2)))
+        else:
+            m = _BOUND.fullmatch(text)
+            bounds = ((("high" if m.group(1).startswith("<") else "low"), m.group(2)),) if m else ()
+        for key, number in bounds:
+            value = _number(number)
+            if value is not None:
+                out[key] = {"value": value, **units}
         return out
 
     def _units(self, fn: str, src, path) -> dict:
