@@ -104,7 +104,7 @@ def test_channels_test_cases_show_a_readable_diff(workdir):
     assert "FAIL  first" in result.stdout and "-PID|1||X" in result.stdout and "+PID|1||Y" in result.stdout
 
 
-@pytest.mark.parametrize("channel", ["adt", "lab"])
+@pytest.mark.parametrize("channel", ["adt", "lab", "adt-lab-to-fhir"])
 def test_sample_channels_pass_their_test_cases(channel):
     result = cli("channels", "test", channel, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -114,10 +114,10 @@ def test_sample_channels_pass_their_test_cases(channel):
 def test_sample_channels_validate():
     result = cli("channels", "validate", cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "ok  adt" in result.stdout and "ok  lab" in result.stdout
+    assert "ok  adt" in result.stdout and "ok  lab" in result.stdout and "ok  adt-lab-to-fhir" in result.stdout
 
 
-@pytest.mark.parametrize("channel", ["adt", "lab"])
+@pytest.mark.parametrize("channel", ["adt", "lab", "adt-lab-to-fhir"])
 def test_every_corpus_message_through_the_sample_channels(corpus, channel):
     files = sorted(str(p) for p in corpus.rglob("*.hl7"))
     result = cli("channels", "test", channel, *files, cwd=ROOT)

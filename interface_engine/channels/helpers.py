@@ -367,3 +367,10 @@ def csv_row(*values) -> str:
 def uuid5(*parts) -> str:
     """A deterministic id: the same parts give the same id, forever (none counts as '')."""
     return str(uuid.uuid5(ENGINE_NAMESPACE, "|".join("" if p is None else str(p) for p in parts)))
+
+
+def b64encode(value, encoding: str = "utf-8") -> str:
+    """Base64 of a text (FHIR Attachment.data): ``{{ text | b64encode }}``."""
+    import base64
+
+    return base64.b64encode(("" if value is None else str(value)).encode(encoding)).decode("ascii")

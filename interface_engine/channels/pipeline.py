@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from ..store import ERROR, FILTERED, QUEUED, NewDelivery
 from .config import ChannelConfig, DestinationConfig
 from ..fhir import bundle
-from ..fhir.bundle import BundleError
+from ..fhir.bundle import BundleError, NothingToSend
 from .helpers import hl7_to_iso
 from .templating import Mappings, TemplateError
 
@@ -85,6 +85,9 @@ def prepare(channel: ChannelConfig, destination: DestinationConfig, mappings: Ma
         if destination.type == "file":
             target = safe_target(destination.path, mappings.render_string(
                 destination.path, msg, timezone=channel.timezone, variables=context))
+    except NothingToSend as e:
+        # Not a failure: an error here would hold a `block` queue for good.
+        return NewDelivery(destination.name, FILTERED, error=str(e))
     except (TemplateError, BundleError) as e:
         return NewDelivery(destination.name, ERROR, error=str(e))
     return NewDelivery(destination.name, QUEUED, output=output, target=target)

@@ -83,6 +83,8 @@ Helpers (each works as a function and as a filter)
 - ``csv_row(*values)``: one RFC 4180 line, no line end, quoting where needed
   (CR and LF stay inside quotes): ``{{ csv_row(msg['PID-3.1'], msg['PID-5.1']) }}``
   or ``{{ [a, b] | csv_row }}``.
+- ``b64encode(text, encoding='utf-8')``: base64 of a text, e.g. for a FHIR
+  Attachment's ``data``: ``{{ note | b64encode | tojson }}``.
 - ``hl7_xml(msg)``: the message in the style of the HL7 v2 XML encoding, for xml
   templates: an element per segment, ``PID.3`` per field repetition,
   ``PID.3.1`` components, ``PID.3.1.1`` sub-components, empty parts left out,
@@ -130,7 +132,7 @@ from interface_engine.fhir.datatypes import FHIRNamespace
 from interface_engine.hl7.escape import delimiters
 
 from .helpers import (
-    Encoded, HelperError, TemplateMessage, TemplateSegment, csv_row, hl7_drop, hl7_set, hl7_to_iso, hl7_xml, uuid5,
+    Encoded, HelperError, TemplateMessage, TemplateSegment, b64encode, csv_row, hl7_drop, hl7_set, hl7_to_iso, hl7_xml, uuid5,
 )
 
 OUTPUT_KINDS = ("hl7", "json", "xml", "text")
@@ -437,7 +439,7 @@ class Mappings:
         helpers = {
             "hl7_set": hl7_set, "hl7_drop": hl7_drop, "hl7_xml": hl7_xml,
             "hl7_datetime": _hl7_datetime, "hl7_instant": _hl7_instant,
-            "lookup": self._lookup, "uuid5": uuid5, "csv_row": csv_row,
+            "lookup": self._lookup, "uuid5": uuid5, "csv_row": csv_row, "b64encode": b64encode,
         }
         fhir = FHIRNamespace(self._table, lambda: _STATE.get().zone)
         for env in self._envs.values():

@@ -15,6 +15,7 @@ in git like any other change.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,12 @@ def show(report: Report) -> str:
 
 
 def readable(payload: bytes) -> str:
-    """A payload for the terminal: HL7 segments one a line, undecodable bytes replaced."""
+    """A payload for the terminal: HL7 segments one a line, JSON indented, bad bytes replaced."""
+    if payload[:1] in (b"{", b"["):
+        try:
+            return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+        except ValueError:
+            pass
     return payload.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
 
 

@@ -24,6 +24,10 @@ class BundleError(ValueError):
     """The template's output cannot become a Bundle; says what, never which values."""
 
 
+class NothingToSend(BundleError):
+    """The message holds nothing the mapping turns into a resource (a bare MSH, say)."""
+
+
 def prune(value):
     """`value` without null, "", [] and {} anywhere inside; None if nothing is left."""
     if isinstance(value, dict):
@@ -68,7 +72,7 @@ def build(rendered: dict, source: dict) -> dict:
         key = (kind, rid)
         resources[key] = merge(resources[key], resource) if key in resources else resource
     if not resources:
-        raise BundleError("the template produced no resource")
+        raise NothingToSend("the mapping produced no resource: nothing to send")
     entries = list(resources.values())
     entries.append(provenance(entries, source))
     return {

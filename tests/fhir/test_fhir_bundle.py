@@ -50,7 +50,7 @@ def test_resources_with_the_same_id_are_merged():
 
 @pytest.mark.parametrize("rendered, fragment", [
     ({"entry": []}, "must render"),
-    ({"resources": []}, "no resource"),
+    ({"resources": []}, "nothing to send"),
     ({"resources": [{"id": "x"}]}, "resourceType"),
     ({"resources": [{"resourceType": "Patient"}]}, "deterministic"),
     ({"resources": [{"resourceType": "Patient", "id": "bad id!"}]}, "valid id"),
