@@ -749,8 +749,7 @@ def _bug(reason: str, pairs: str, *where: str) -> list[Rule]:
 
 #: Our mapping is wrong here; reported to the template owner. The pairs named are strict xfails.
 BUGS: list[Rule] = [
-    *_bug("sr-key", "ti__AL_005_ORU_batch_FHS_BHS rs-mi__oru_r01-full rs__sample_oru_20241015-001 "
-          "rs__sample_oru_CDPH_NBS_20241021-001 rs__sample_orm_20230809-001", "ServiceRequest", "code"),
+    *_bug("sr-key", "rs__sample_orm_20230809-001", "ServiceRequest", "code"),
     *_bug("status-components", "ti__AL_005_ORU_batch_FHS_BHS", "DiagnosticReport", "status"),
     *_bug("mdm-orders", "ms__MDM-T02-02", "ServiceRequest", "code", T),
     *_bug("iam", "ms__ADT-A60-01", "*", "resourceType", T, "AllergyIntolerance"),

@@ -535,3 +535,47 @@ def test_every_template_renders_an_empty_message_of_its_type():
     for kind, name in TEMPLATES.items():
         raw = f"MSH|^~\\&|A|B|C|D|20240101||{kind}^X01|1|P|2.5.1\r"
         assert check(render(raw)) == [], name
+
+
+# regressions
+
+def _segments(raw: bytes, *names: str) -> list[bytes]:
+    return [s for s in raw.split(b"\r") if s[:3] in [n.encode() for n in names]]
+
+
+def _message(*lines: bytes | str) -> bytes:
+    return b"\r".join(x.encode() if isinstance(x, str) else x for x in lines) + b"\r"
+
+
+def test_one_service_request_per_obr_under_one_order_number():
+    """Two OBRs under one placer number are two ServiceRequests, and the ORM's meet the ORU's."""
+    head = _segments(fixture("oru_r01.hl7"), "MSH", "PID", "PV1")
+    result = check(render(_message(
+        *head,
+        "ORC|RE|ORD-90^EHR|LAB-90^LAB||CM",
+        "OBR|1|ORD-90^EHR|LAB-90^LAB|2093-3^Cholesterol^LN|||20240306073000||||||||||||||||CH|F",
+        "OBX|1|NM|2093-3^Cholesterol^LN||212|mg/dL^mg/dL^UCUM|||||F",
+        "OBR|2|ORD-90^EHR|LAB-90^LAB|2571-8^Triglyceride^LN|||20240306073000||||||||||||||||CH|F",
+        "OBX|1|NM|2571-8^Triglyceride^LN||150|mg/dL^mg/dL^UCUM|||||F")))
+    orders = [r for r in result if r["resourceType"] == "ServiceRequest"]
+    assert sorted(o["code"]["coding"][0]["code"] for o in orders) == ["2093-3", "2571-8"]
+    assert all(len(o["code"]["coding"]) == 1 for o in orders)
+    reports = {r["code"]["coding"][0]["code"]: r for r in result if r["resourceType"] == "DiagnosticReport"}
+    by_code_ = {o["code"]["coding"][0]["code"]: o for o in orders}
+    assert {c: r["basedOn"] for c, r in reports.items()} == {c: [{"reference": ref(o)}] for c, o in by_code_.items()}
+
+    msh = _segments(fixture("orm_o01.hl7"), "MSH")[0]
+    ordered = check(render(_message(
+        msh, *head[1:],
+        "ORC|NW|ORD-90^EHR|||||||20240306070000",
+        "OBR|1|ORD-90^EHR||2093-3^Cholesterol^LN",
+        "OBX|1|CWE|49541-6^Fasting status^LN||Y^Yes^HL70136||||||F",
+        "ORC|NW|ORD-90^EHR|||||||20240306070000",
+        "OBR|2|ORD-90^EHR||2571-8^Triglyceride^LN",
+        "OBX|1|CWE|49541-6^Fasting status^LN||N^No^HL70136||||||F")))
+    placed = {r["code"]["coding"][0]["code"]: r for r in ordered if r["resourceType"] == "ServiceRequest"}
+    assert {c: o["id"] for c, o in placed.items()} == {c: o["id"] for c, o in by_code_.items()}
+    fasting = [r for r in ordered if r["resourceType"] == "Observation"]
+    assert len({o["id"] for o in fasting}) == 2, "each OBR keeps its own answers"
+    assert {c: o["supportingInfo"] for c, o in placed.items()} == \
+        {"2093-3": [{"reference": ref(fasting[0])}], "2571-8": [{"reference": ref(fasting[1])}]}
