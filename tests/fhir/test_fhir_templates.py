@@ -553,9 +553,9 @@ def test_one_service_request_per_obr_under_one_order_number():
     result = check(render(_message(
         *head,
         "ORC|RE|ORD-90^EHR|LAB-90^LAB||CM",
-        "OBR|1|ORD-90^EHR|LAB-90^LAB|2093-3^Cholesterol^LN|||20240306073000||||||||||||||||CH|F",
+        "OBR|1|ORD-90^EHR|LAB-90^LAB|2093-3^Cholesterol^LN|||20240306073000" + "|" * 17 + "CH|F",
         "OBX|1|NM|2093-3^Cholesterol^LN||212|mg/dL^mg/dL^UCUM|||||F",
-        "OBR|2|ORD-90^EHR|LAB-90^LAB|2571-8^Triglyceride^LN|||20240306073000||||||||||||||||CH|F",
+        "OBR|2|ORD-90^EHR|LAB-90^LAB|2571-8^Triglyceride^LN|||20240306073000" + "|" * 17 + "CH|F",
         "OBX|1|NM|2571-8^Triglyceride^LN||150|mg/dL^mg/dL^UCUM|||||F")))
     orders = [r for r in result if r["resourceType"] == "ServiceRequest"]
     assert sorted(o["code"]["coding"][0]["code"] for o in orders) == ["2093-3", "2571-8"]
@@ -579,3 +579,16 @@ def test_one_service_request_per_obr_under_one_order_number():
     assert len({o["id"] for o in fasting}) == 2, "each OBR keeps its own answers"
     assert {c: o["supportingInfo"] for c, o in placed.items()} == \
         {"2093-3": [{"reference": ref(fasting[0])}], "2571-8": [{"reference": ref(fasting[1])}]}
+
+
+def test_statuses_sent_as_coded_values_read_their_code():
+    """OBR-25 and OBX-11 written as CWE (code^text^system) read their first component."""
+    head = _segments(fixture("oru_r01.hl7"), "MSH", "PID")
+    result = check(render(_message(
+        *head,
+        "OBR|1|ORD-91^EHR|LAB-91^LAB|2093-3^Cholesterol^LN|||20240306073000" + "|" * 17 + "CH|F^Final results^HL70123",
+        "OBX|1|NM|2093-3^Cholesterol^LN||212|mg/dL^mg/dL^UCUM|||||C^Corrected^HL70085",
+        "OBX|2|NM|2571-8^Triglyceride^LN||150|mg/dL^mg/dL^UCUM|||||")))
+    assert only(result, "DiagnosticReport")["status"] == "final"
+    assert by_code(result, "2093-3")[0]["status"] == "corrected"
+    assert by_code(result, "2571-8")[0]["status"] == "final", "no OBX-11: the report's status"
