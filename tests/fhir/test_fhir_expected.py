@@ -536,8 +536,6 @@ BUG_REASONS = {
     "sr-key": "oru/orm: ServiceRequest id is the placer order number alone, so OBRs sharing one "
               "placer number (one ORC, many OBR) collapse into one ServiceRequest whose code gathers "
               "every OBR-4 coding; the IG makes one ServiceRequest per OBR.",
-    "mdm-orders": "mdm: only the first ORC/OBR becomes a ServiceRequest; the IG's MDM_T02 "
-                  "COMMON_ORDER group repeats.",
     "iam": "adt: IAM (A60 allergy update) is not mapped and not listed as a departure; the IG has "
            "IAM[AllergyIntolerance].",
     "a47": "adt: A47 (change patient identifier) is read as an update: the Patient under the new id "
@@ -748,7 +746,6 @@ def _bug(reason: str, pairs: str, *where: str) -> list[Rule]:
 #: Our mapping is wrong here; reported to the template owner. The pairs named are strict xfails.
 BUGS: list[Rule] = [
     *_bug("sr-key", "rs__sample_orm_20230809-001", "ServiceRequest", "code"),
-    *_bug("mdm-orders", "ms__MDM-T02-02", "ServiceRequest", "code", T),
     *_bug("iam", "ms__ADT-A60-01", "*", "resourceType", T, "AllergyIntolerance"),
     *_bug("a47", "ms__ADT-A47-01", "*", "resourceType", O, "Patient"),
     *_bug("a47", "ms__ADT-A47-01", "*", "resourceType", T, "Linkage"),

@@ -592,3 +592,28 @@ def test_statuses_sent_as_coded_values_read_their_code():
     assert only(result, "DiagnosticReport")["status"] == "final"
     assert by_code(result, "2093-3")[0]["status"] == "corrected"
     assert by_code(result, "2571-8")[0]["status"] == "final", "no OBX-11: the report's status"
+
+
+def test_mdm_maps_every_order_with_its_own_notes():
+    """Each MDM COMMON_ORDER group (ORC, TQ1, OBR, NTE) is a ServiceRequest that the document relates to."""
+    raw = fixture("mdm_t02.hl7")
+    head = _segments(raw, "MSH", "EVN", "PID", "PV1")
+    tail = _segments(raw, "TXA", "OBX")
+    result = check(render(_message(
+        *head,
+        "ORC|SC|ECHO-1^EHR|IMG-1^RAD",
+        "TQ1|1||||||20240316080000",
+        "OBR|1|ECHO-1^EHR|IMG-1^RAD|93306^Echo, transthoracic^C4",
+        "NTE|1||Limited views.",
+        "ORC|SC|ECHO-2^EHR|IMG-2^RAD",
+        "NTE|1||Ordered by cardiology.",
+        "OBR|1|ECHO-2^EHR|IMG-2^RAD|93350^Stress echo^C4",
+        *tail,
+        "NTE|1||A note on the document, not on an order.")))
+    orders = {r["code"]["coding"][0]["code"]: r for r in result if r["resourceType"] == "ServiceRequest"}
+    assert set(orders) == {"93306", "93350"}
+    assert orders["93306"]["note"] == [{"text": "Limited views."}]
+    assert orders["93350"]["note"] == [{"text": "Ordered by cardiology."}]
+    assert orders["93350"]["identifier"][0]["value"] == "ECHO-2"
+    document = only(result, "DocumentReference")
+    assert document["context"]["related"] == [{"reference": ref(orders["93306"])}, {"reference": ref(orders["93350"])}]
