@@ -617,3 +617,48 @@ def test_mdm_maps_every_order_with_its_own_notes():
     assert orders["93350"]["identifier"][0]["value"] == "ECHO-2"
     document = only(result, "DocumentReference")
     assert document["context"]["related"] == [{"reference": ref(orders["93306"])}, {"reference": ref(orders["93350"])}]
+
+
+def test_adt_a60_allergy_updates():
+    """IAM (A60) as AllergyIntolerance by the IG's IAM map; the same allergen as an AL1 is the same resource."""
+    raw = fixture("adt_a01.hl7")
+    msh = _segments(raw, "MSH")[0].replace(b"ADT^A01^ADT_A01", b"ADT^A60^ADT_A60")
+    result = check(render(_message(
+        msh, "EVN|A60|20240320101500", *_segments(raw, "PID"),
+        "IAM|1|DA^Drug allergy^HL70127|70618^Penicillin^RXNORM|MO^Moderate^HL70128|Hives~Wheezing|U^Update^HL70206"
+        "|AL-9^EHR||||20190401||20240320101000|Quillfeather^Marigold|SEL^Self^HL70063||C^Confirmed^HL70438"
+        "||||||||||7980^Penicillin V^RXNORM",
+        "NTE|1||Reaction in childhood.",
+        "IAM|2|FA^Food allergy^HL70127|256349002^Peanut^SCT|||A^Add^HL70206||||||||Thistle^Rowan|SPO^Spouse^HL70063",
+        "IAM|3|EA^Environmental allergy^HL70127|LATEX^Latex^L||||||||||||||I^Inactive^HL70438",
+        "IAM|4|FA^Food allergy^HL70127|SHELL^Shellfish^L|||D^Delete^HL70206||||||||Ashgrove^Bram")))
+    allergies = {r["code"]["coding"][0]["code"]: r for r in result if r["resourceType"] == "AllergyIntolerance"}
+    assert set(allergies) == {"70618", "256349002", "LATEX", "SHELL"}
+
+    penicillin = allergies["70618"]
+    al1 = only(check(render(raw)), "AllergyIntolerance")
+    assert penicillin["id"] == al1["id"], "an AL1 and an IAM about one allergen are one resource"
+    assert [c["code"] for c in penicillin["code"]["coding"]] == ["70618", "7980"]
+    assert penicillin["identifier"] == [{"value": "AL-9", "system": "urn:id:EHR"}]
+    assert penicillin["category"] == ["medication"] and penicillin["criticality"] == "low"
+    assert [r["manifestation"][0]["text"] for r in penicillin["reaction"]] == ["Hives", "Wheezing"]
+    assert penicillin["reaction"][0]["severity"] == "moderate"
+    assert penicillin["onsetDateTime"] == "2019-04-01"
+    assert penicillin["recordedDate"] == "2024-03-20T10:10:00-04:00"
+    assert penicillin["recorder"] == {"reference": f"Patient/{PATIENT_ID}"}
+    assert penicillin["clinicalStatus"]["coding"][0]["code"] == "active"
+    assert penicillin["verificationStatus"]["coding"][0]["code"] == "confirmed"
+    assert penicillin["note"] == [{"text": "Reaction in childhood."}]
+
+    peanut = allergies["256349002"]
+    spouse = only(result, "RelatedPerson", id=peanut["recorder"]["reference"].split("/")[1])
+    assert spouse["name"][0]["family"] == "Thistle"
+    assert "SPS" in {c["code"] for c in spouse["relationship"][0]["coding"]}
+    assert "verificationStatus" not in peanut and "note" not in peanut
+
+    assert allergies["LATEX"]["clinicalStatus"]["coding"][0]["code"] == "inactive"
+    deleted = allergies["SHELL"]
+    assert deleted["verificationStatus"]["coding"][0]["code"] == "entered-in-error"
+    assert "clinicalStatus" not in deleted, "R4 ait-2: no clinicalStatus when entered in error"
+    recorder = only(result, "Practitioner", id=deleted["recorder"]["reference"].split("/")[1])
+    assert recorder["name"][0]["family"] == "Ashgrove"
