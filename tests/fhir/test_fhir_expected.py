@@ -462,7 +462,8 @@ REASONS = {
     "no-specimen-without-spm": "No Specimen without an SPM segment: OBR-15 (OBR[Specimen]) is not mapped; "
                                "ReportStream and Microsoft make one from the OBR (OBR-7 as collection time) "
                                "or an empty one.",
-    "merge": "A merge (A40) is written as the surviving Patient and the merged one linked by Patient.link "
+    "merge": "A merge (A40) or a change of the patient identifier list (A47) is written as the surviving "
+             "Patient and the merged one linked by Patient.link "
              "(replaces, replaced-by); Microsoft writes a Linkage and no Patient.",
     # the same data, mapped differently
     "patient-other-segments": "Patient.identifier and Patient.name come from PID only (PID-2, 3, 4, 19, 20; "
@@ -536,8 +537,6 @@ BUG_REASONS = {
     "sr-key": "oru/orm: ServiceRequest id is the placer order number alone, so OBRs sharing one "
               "placer number (one ORC, many OBR) collapse into one ServiceRequest whose code gathers "
               "every OBR-4 coding; the IG makes one ServiceRequest per OBR.",
-    "a47": "adt: A47 (change patient identifier) is read as an update: the Patient under the new id "
-           "is written, the old one (MRG-1) is left active and unlinked.",
     "obx-before-obr": "oru: OBX before the first OBR (ORU_R01 PATIENT_OBSERVATION, OUL specimen "
                       "OBX) are dropped; the IG maps them to Observations of the patient or specimen.",
     "raw-composite": "common obx_value: RP, XAD and other composite values go to valueString as "
@@ -654,8 +653,8 @@ ALLOWED: list[Rule] = [
     *_types("no-specimen-without-spm", "rs*", T, "Specimen"),
     *_types("no-specimen-without-spm", "ti__*", T, "Specimen"),
     *_types("no-specimen-without-spm", "ms__*", T, "Specimen"),
-    *_types("merge", "ms__ADT-A40-01", T, "Linkage"),
-    *_types("merge", "ms__ADT-A40-01", O, "Patient"),
+    *_types("merge", "ms__ADT-A4[07]-01", T, "Linkage"),
+    *_types("merge", "ms__ADT-A4[07]-01", O, "Patient"),
     # Patient
     *[Rule("patient-other-segments", "ms__*", "Patient", "identifier", T, value) for value in (
         "1516", "55121", "G-SSN-12",                                          # GT1
@@ -747,8 +746,6 @@ def _bug(reason: str, pairs: str, *where: str) -> list[Rule]:
 #: Our mapping is wrong here; reported to the template owner. The pairs named are strict xfails.
 BUGS: list[Rule] = [
     *_bug("sr-key", "rs__sample_orm_20230809-001", "ServiceRequest", "code"),
-    *_bug("a47", "ms__ADT-A47-01", "*", "resourceType", O, "Patient"),
-    *_bug("a47", "ms__ADT-A47-01", "*", "resourceType", T, "Linkage"),
     *_bug("obx-before-obr", "ms__OUL-R22-01", "Observation", "*", T, "*8867-4*"),
     *_bug("obx-before-obr", "ms__OUL-R22-01", "*", "resourceType", T, "Practitioner"),
     *_bug("raw-composite", "ms__OMG-O19-01 ms__OML-O21-01 ms__OML-O21-02 ms__OML-O21-03 ms__ORM-O01-02 "

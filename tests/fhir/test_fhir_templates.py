@@ -662,3 +662,22 @@ def test_adt_a60_allergy_updates():
     assert "clinicalStatus" not in deleted, "R4 ait-2: no clinicalStatus when entered in error"
     recorder = only(result, "Practitioner", id=deleted["recorder"]["reference"].split("/")[1])
     assert recorder["name"][0]["family"] == "Ashgrove"
+
+
+def test_adt_a47_retires_the_patient_under_the_old_identifier():
+    """A47 (change patient identifier list): the Patient under MRG-1 is made inactive and linked, not left active."""
+    raw = fixture("adt_a40.hl7").replace(b"ADT^A40^ADT_A39", b"ADT^A47^ADT_A30").replace(b"EVN|A40|", b"EVN|A47|")
+    raw = raw.replace(b"MRG|MRN0999^^^NWH&2.16.840.1.113883.3.999.1&ISO^MR||||||Quilfeather^Marigold",
+                      b"MRG|MRN0999^^^NWH&2.16.840.1.113883.3.999.1&ISO^MR")
+    result = check(render(raw))
+    old_id = uuid5("Patient", MRN_SYSTEM, "MRN0999")
+    current, old = only(result, "Patient", id=PATIENT_ID), only(result, "Patient", id=old_id)
+    assert current["active"] is True
+    assert current["link"] == [{"other": {"reference": f"Patient/{old_id}"}, "type": "replaces"}]
+    assert old["active"] is False
+    assert old["identifier"][0]["value"] == "MRN0999"
+    assert old["link"] == [{"other": {"reference": f"Patient/{PATIENT_ID}"}, "type": "replaced-by"}]
+    # an identifier change that leaves the identifier the id comes from is a plain update
+    same = raw.replace(b"MRG|MRN0999^^^NWH&2.16.840.1.113883.3.999.1&ISO^MR", b"MRG|MRN1001^^^NWH&2.16.840.1.113883.3.999.1&ISO^MR")
+    (patient,) = [r for r in check(render(same)) if r["resourceType"] == "Patient"]
+    assert patient["id"] == PATIENT_ID and "link" not in patient
