@@ -537,8 +537,6 @@ BUG_REASONS = {
     "sr-key": "oru/orm: ServiceRequest id is the placer order number alone, so OBRs sharing one "
               "placer number (one ORC, many OBR) collapse into one ServiceRequest whose code gathers "
               "every OBR-4 coding; the IG makes one ServiceRequest per OBR.",
-    "obx-before-obr": "oru: OBX before the first OBR (ORU_R01 PATIENT_OBSERVATION, OUL specimen "
-                      "OBX) are dropped; the IG maps them to Observations of the patient or specimen.",
     "raw-composite": "common obx_value: RP, XAD and other composite values go to valueString as "
                      "encoded v2 text, separators and escapes (^, \\T\\) included.",
     "sn": "datatypes fhir.sn: an SN whose SN.1 is not a comparator, or with '.' and a second number, "
@@ -746,8 +744,6 @@ def _bug(reason: str, pairs: str, *where: str) -> list[Rule]:
 #: Our mapping is wrong here; reported to the template owner. The pairs named are strict xfails.
 BUGS: list[Rule] = [
     *_bug("sr-key", "rs__sample_orm_20230809-001", "ServiceRequest", "code"),
-    *_bug("obx-before-obr", "ms__OUL-R22-01", "Observation", "*", T, "*8867-4*"),
-    *_bug("obx-before-obr", "ms__OUL-R22-01", "*", "resourceType", T, "Practitioner"),
     *_bug("raw-composite", "ms__OMG-O19-01 ms__OML-O21-01 ms__OML-O21-02 ms__OML-O21-03 ms__ORM-O01-02 "
           "ms__ORU-R01-01 ms__OUL-R22-01 ti__AL_003_ORM_O01_NBS", "Observation", "value", O, "*^*"),
     *_bug("sn", "rs-mi__OBX-to-Observation-sn-as-quantity-value rs-mi__OBX-to-Observation-sn-as-range-value "

@@ -681,3 +681,39 @@ def test_adt_a47_retires_the_patient_under_the_old_identifier():
     same = raw.replace(b"MRG|MRN0999^^^NWH&2.16.840.1.113883.3.999.1&ISO^MR", b"MRG|MRN1001^^^NWH&2.16.840.1.113883.3.999.1&ISO^MR")
     (patient,) = [r for r in check(render(same)) if r["resourceType"] == "Patient"]
     assert patient["id"] == PATIENT_ID and "link" not in patient
+
+
+def test_observations_before_the_first_obr():
+    """ORU_R01 patient observations and an OUL specimen's OBX: Observations of the patient, in no report."""
+    raw = fixture("oru_r01.hl7")
+    msh, pid = _segments(raw, "MSH", "PID")
+    order = (b"OBR|1|ORD-92^EHR|LAB-92^LAB|2093-3^Cholesterol^LN|||20240306073000",
+             b"OBX|1|NM|2093-3^Cholesterol^LN||212|mg/dL^mg/dL^UCUM|||||F")
+    result = check(render(_message(
+        msh, pid,
+        "OBX|1|NM|29463-7^Body weight^LN||72|kg^kg^UCUM|||||F|||20240301",
+        "NTE|1||Weighed at home.",
+        *_segments(raw, "PV1"),
+        "ORC|RE|ORD-92^EHR",
+        "OBX|1|ED|||^TEXT^PLAIN^Base64^SGVsbG8=",
+        *order)))
+    (weight,) = by_code(result, "29463-7")
+    assert weight["subject"] == {"reference": f"Patient/{PATIENT_ID}"}
+    assert weight["valueQuantity"]["value"] == 72 and weight["status"] == "final"
+    assert weight["effectiveDateTime"] == "2024-03-01" and weight["note"] == [{"text": "Weighed at home."}]
+    assert "encounter" not in weight and "basedOn" not in weight
+    report = only(result, "DiagnosticReport")
+    assert {"reference": ref(weight)} not in report["result"]
+    assert len([r for r in result if r["resourceType"] == "Observation"]) == 2, \
+        "the document OBX between ORC and OBR (ORDER_DOCUMENT) is not mapped"
+
+    oul = check(render(_message(
+        msh.replace(b"ORU^R01^ORU_R01", b"OUL^R22^OUL_R22"), pid,
+        "SPM|1|SP-7&LAB||SER^Serum^HL70487",
+        "OBX|1|CWE|33882-2^Specimen condition^LN||HEM^Hemolyzed^L||||||F",
+        *order)))
+    (condition,) = by_code(oul, "33882-2")
+    specimen = only(oul, "Specimen")
+    assert condition["focus"] == [{"reference": ref(specimen)}]
+    assert condition["subject"] == {"reference": f"Patient/{PATIENT_ID}"}
+    assert {"reference": ref(condition)} not in only(oul, "DiagnosticReport")["result"]
