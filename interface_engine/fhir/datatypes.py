@@ -119,6 +119,14 @@ Functions
 - ``fhir.reference_range(obx, '7', '6')``: OBX-7 to an Observation
   referenceRange: ``text`` always, ``low``/``high`` when it reads
   ``3.5-5.0``, ``<5`` / ``<=5`` (high), ``>10`` / ``>=10`` (low).
+- ``fhir.text(obx, '5', sep=' ')``: any value as readable text, for a
+  composite (XAD, XPN, CP, RP...) that FHIR has no element for where it
+  appears (an OBX-5 of such a type goes to valueString): its components and
+  sub-components decoded (escapes resolved), trimmed, the empty ones left
+  out, joined by ``sep``; repetitions read joined by line breaks.
+  ``1234 Main St^^Springfield^IL`` gives ``1234 Main St Springfield IL``.
+  ``sep='&'`` rebuilds a text the sender split at a sub-component separator
+  it did not escape (an RP pointer URL). None when empty.
 """
 
 from __future__ import annotations
@@ -168,6 +176,12 @@ class _Value:
         self._parts = parts
         self._delimiters = delimiters
         self._encoding = encoding
+
+    def count(self, component: int | None = None) -> int:
+        """How many components there are, or how many sub-components ``component`` has."""
+        if component is None:
+            return len(self._parts)
+        return len(self._parts[component - 1]) if 0 < component <= len(self._parts) else 0
 
     def get(self, component: int, sub: int = 1) -> str:
         """Decoded and trimmed; '' when missing or the v2 null ``""``."""
@@ -570,6 +584,20 @@ class FHIRNamespace:
             if value is not None:
                 out[key] = {"value": value, **units}
         return out
+
+    # any datatype, as text
+
+    def text(self, src, path, sep=" ") -> str | None:
+        """Every repetition read as text: its parts decoded and joined by ``sep``, empty ones left out."""
+        if not isinstance(sep, str):
+            raise HelperError("fhir.text: sep= is a string, ' ' unless given")
+        lines = []
+        for v in self._values(src, path, "text"):
+            parts = (v.get(c, s) for c in range(1, v.count() + 1) for s in range(1, v.count(c) + 1))
+            line = sep.join(p for p in parts if p)
+            if line:
+                lines.append(line)
+        return "\n".join(lines) or None
 
     def _units(self, fn: str, src, path) -> dict:
         """Quantity unit, system and code from a units CWE (or a plain unit string as ``src``)."""

@@ -704,3 +704,25 @@ def test_observations_validate_as_r4(mappings, r4b):
                                                                               "valueRange"]
     for o in observations:
         r4b["Observation"].model_validate(o)
+
+
+# fhir.text (any value as readable text)
+
+@pytest.mark.parametrize(("path", "sep", "expected"), [
+    ("5", None, "1234 Main St Springfield IL 62701\n2 B St Apt 3 Dover"),
+    ("5[1]", None, "1234 Main St Springfield IL 62701"),
+    ("5[2]", None, "2 B St Apt 3 Dover"),
+    ("5[2].1", None, "2 B St Apt 3"),
+    ("5[2].1", "&", "2 B St&Apt 3"),
+    ("7", None, "A&B ~ C"),
+    ("8", None, None), ("9", None, None), ("20", None, None),
+])
+def test_text(mappings, path, sep, expected):
+    msg = message(r'OBX|1|XAD|X||1234 Main St^^Springfield^IL^62701~2 B St&Apt 3^^Dover||A\T\B \R\ C|""|^^^')
+    call = f"fhir.text(msg.segment('OBX'), '{path}'" + (f", '{sep}')" if sep else ")")
+    assert ev(mappings, call, msg) == expected
+
+
+def test_text_needs_a_string_separator(mappings):
+    with pytest.raises(TemplateError, match="sep"):
+        ev(mappings, "fhir.text(msg.segment('OBX'), '5', 1)", message("OBX|1|ST|X||a"))

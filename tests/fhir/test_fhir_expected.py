@@ -505,8 +505,9 @@ REASONS = {
                  "instant.",
     "effective-fallback": "Observation.effective falls back to OBR-7 (ORU) or RXA-3 (VXU) when OBX-14 is "
                           "empty or not a valid time; the other converters leave it out.",
-    "rp-ed": "OBX of type RP or ED are Observations (ED Base64 data in the IG's R5 valueAttachment extension, "
-             "RP as text); Microsoft makes DiagnosticReports with presentedForm, or DocumentReferences, of them.",
+    "rp-ed": "OBX of type RP or ED are Observations (ED Base64 data, or the RP's URL, in the IG's R5 "
+             "valueAttachment extension); Microsoft makes DiagnosticReports with presentedForm, or "
+             "DocumentReferences, of them.",
     "obx-no-code": "An OBX without OBX-3 still gives an Observation, with code text 'unknown' "
                    "(Observation.code is required).",
     "tm-value": "A TM value is written as a FHIR time (hh:mm:ss); ReportStream copies the v2 text, which is "
@@ -537,8 +538,6 @@ BUG_REASONS = {
     "sr-key": "oru/orm: ServiceRequest id is the placer order number alone, so OBRs sharing one "
               "placer number (one ORC, many OBR) collapse into one ServiceRequest whose code gathers "
               "every OBR-4 coding; the IG makes one ServiceRequest per OBR.",
-    "raw-composite": "common obx_value: RP, XAD and other composite values go to valueString as "
-                     "encoded v2 text, separators and escapes (^, \\T\\) included.",
     "sn": "datatypes fhir.sn: an SN whose SN.1 is not a comparator, or with '.' and a second number, "
           "becomes valueString; the IG picks Quantity/Range/Ratio by SN.3 alone. Undocumented.",
     "orm-nk1": "orm: NK1 is ignored; the IG's OML_O21 maps NK1 to RelatedPerson and Patient.contact.",
@@ -715,6 +714,7 @@ ALLOWED: list[Rule] = [
     *[Rule("rp-ed", MS_LAB, "Observation", "value", O, f"{code.split('|')[1]} = *") for code in MS_MEDIA],
     Rule("rp-ed", "ms__O[RU][UL]-R*", "DiagnosticReport", "code", T),
     Rule("rp-ed", "ms__ORU-R01-01", "DiagnosticReport", "status", T, "unknown"),
+    Rule("rp-ed", "ms__ORU-R01-01", "Observation", "value", O, "8867-4 = attachment *"),  # the RP after PID
     Rule("obx-no-code", "ms__OUL-R22-01", "Observation", "code", O, "text:unknown"),
     Rule("tm-value", "rs-mi__OBX-to-Observation-tm-value", "Observation", "value"),
     Rule("ts-value", "ms__IZ_*", "Observation", "value", O, "2976[89]-* = ????-??-??"),
@@ -744,8 +744,6 @@ def _bug(reason: str, pairs: str, *where: str) -> list[Rule]:
 #: Our mapping is wrong here; reported to the template owner. The pairs named are strict xfails.
 BUGS: list[Rule] = [
     *_bug("sr-key", "rs__sample_orm_20230809-001", "ServiceRequest", "code"),
-    *_bug("raw-composite", "ms__OMG-O19-01 ms__OML-O21-01 ms__OML-O21-02 ms__OML-O21-03 ms__ORM-O01-02 "
-          "ms__ORU-R01-01 ms__OUL-R22-01 ti__AL_003_ORM_O01_NBS", "Observation", "value", O, "*^*"),
     *_bug("sn", "rs-mi__OBX-to-Observation-sn-as-quantity-value rs-mi__OBX-to-Observation-sn-as-range-value "
           "rs-mi__OBX-to-Observation-sn-as-ratio-value-colon", "Observation", "value"),
     *_bug("sn", "rs-mi__OBX-to-Observation-sn-as-quantity-value rs-mi__OBX-to-Observation-sn-as-range-value",

@@ -717,3 +717,29 @@ def test_observations_before_the_first_obr():
     assert condition["focus"] == [{"reference": ref(specimen)}]
     assert condition["subject"] == {"reference": f"Patient/{PATIENT_ID}"}
     assert {"reference": ref(condition)} not in only(oul, "DiagnosticReport")["result"]
+
+
+def test_composite_values_are_decoded_not_encoded_v2_text():
+    """RP to the IG's R5 valueAttachment extension (url, MIME type); other composites as decoded text."""
+    raw = fixture("oru_r01.hl7")
+    result = check(render(_message(
+        *_segments(raw, "MSH", "PID"),
+        "OBR|1|ORD-93^EHR|LAB-93^LAB|18748-4^Imaging study^LN|||20240306073000",
+        r"OBX|1|RP|18748-4^Imaging study^LN|1|http://pacs.example.test/view?study=7\T\series=2^PACS^IM^JPEG||||||F",
+        "OBX|2|RP|18748-4^Imaging study^LN|2|http://pacs.example.test/slide 9^^IM^MRXS||||||F",
+        r"OBX|3|XAD|56799-0^Address^LN||12 Elm St\T\Co^^Brookhaven^OR^97001||||||F",
+        "OBX|4|VR|X-1^Range^L||10^20||||||F",
+        "OBX|5|RP|18748-4^Imaging study^LN|3|http://a.test/1^^IM^PNG~http://a.test/2^^IM^GIF||||||F")))
+    ext = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.valueAttachment"
+    one, two, many = by_code(result, "18748-4")
+    assert one["extension"] == [{"url": ext, "valueAttachment": {
+        "contentType": "image/jpeg", "url": "http://pacs.example.test/view?study=7&series=2"}}]
+    assert two["extension"] == [{"url": ext, "valueAttachment": {"url": "http://pacs.example.test/slide%209"}}]
+    assert not [k for k in one if k.startswith("value")]
+    assert [c["extension"][0] for c in many["component"]] == [
+        {"url": ext.replace("Observation.", "Observation.component."),
+         "valueAttachment": {"contentType": "image/png", "url": "http://a.test/1"}},
+        {"url": ext.replace("Observation.", "Observation.component."),
+         "valueAttachment": {"contentType": "image/gif", "url": "http://a.test/2"}}]
+    assert by_code(result, "56799-0")[0]["valueString"] == "12 Elm St&Co Brookhaven OR 97001"
+    assert by_code(result, "X-1")[0]["valueString"] == "10-20"
