@@ -111,10 +111,19 @@ Functions
   ``display`` its UCUM code, e.g. ``mEq/L`` to ``meq/L``). The units may be a
   plain unit string instead: ``fhir.quantity(v, 'kg')``. Not a number: none.
 - ``fhir.sn(obx, '5', '6')``: SN to ``{"kind": K, "value": V}`` for
-  ``"value" ~ kind``: Quantity (``>^100``, comparator kept), Range
-  (``^10^-^20``), Ratio (``^1^:^128``, ``^1^/^2``), or String (``<>``, ``2+``
-  and anything else the IG sends to valueString, parts joined by spaces);
-  the units (third argument, a path in the same ``src``) go on every
+  ``"value" ~ kind``, the type picked by the separator SN.3 alone, as the
+  IG's OBX-5 rows do: ``:`` or ``/`` Ratio (``^1^:^128``; SN.1 a comparator
+  goes on the numerator), ``-`` Range (``^10^-^20``, ``^10^-``; SN.1 is not
+  part of a Range), ``+`` String (``^2^+``), any other (none, ``.``...)
+  Quantity of SN.2 with SN.1 as comparator when it is one (``>^100``;
+  ``>^1^.^3`` is ``>1``, SN.4 left out as the IG's SN[Quantity] does).
+  SN.1 ``<>``, or numbers a type needs that are missing or not numbers, give
+  String (the parts and units joined by spaces). The IG's originalText
+  extension (``SN.1 SN.2 SN.3 SN.4``) goes on the value when it leaves part of
+  the SN out (a comparator R4 has no code for, a Range's SN.1, SN.3/SN.4 of a
+  Quantity); departure: the IG adds it whenever SN.3 is valued, so to every
+  Range and Ratio, where the separator says nothing the value does not.
+  The units (third argument, a path in the same ``src``) go on every
   quantity, as the IG maps OBX-6. None when empty.
 - ``fhir.reference_range(obx, '7', '6')``: OBX-7 to an Observation
   referenceRange: ``text`` always, ``low``/``high`` when it reads
@@ -157,6 +166,7 @@ _URI = re.compile(r"(?:https?|urn):\S+", re.ASCII | re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 _MAX_NUMBER = 40  # characters; a longer "number" is not a measurement
 _COMPARATORS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
+_ORIGINAL_TEXT = "http://hl7.org/fhir/StructureDefinition/originalText"
 _RANGE = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*-\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*",
                     re.ASCII)
 _BOUND = re.compile(r"\s*(<=|>=|<|>)\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*", re.ASCII)
@@ -545,23 +555,35 @@ class FHIRNamespace:
         if not (comparator or first or separator or second):
             return None
         n1, n2 = _number(first), _number(second)
-        if comparator in ("", "=") or comparator in _COMPARATORS:
-            if separator in ("", ".") and not second and n1 is not None:
-                q = {"value": n1, **units}
-                _put(q, "comparator", _COMPARATORS.get(comparator))
-                return {"kind": "Quantity", "value": q}
-            if separator in (":", "/") and n1 is not None and n2 is not None:
+        sign = _COMPARATORS.get(comparator)
+        plain = comparator in ("", "=")  # no comparator to keep
+        found: tuple | None = None
+        if comparator == "<>" or separator == "+":
+            pass  # the IG's valueString cases
+        elif separator in (":", "/"):
+            if n1 is not None and n2 is not None:
                 numerator = {"value": n1, **units}
-                _put(numerator, "comparator", _COMPARATORS.get(comparator))
-                return {"kind": "Ratio", "value": {"numerator": numerator, "denominator": {"value": n2, **units}}}
-            numeric = (n1 is not None or not first) and (n2 is not None or not second)
-            if separator == "-" and comparator in ("", "=") and (first or second) and numeric:
+                _put(numerator, "comparator", sign)
+                found = ("Ratio", {"numerator": numerator, "denominator": {"value": n2, **units}},
+                         not (plain or sign))
+        elif separator == "-":
+            if (first or second) and (n1 is not None or not first) and (n2 is not None or not second):
                 rng: dict = {}
                 if n1 is not None:
                     rng["low"] = {"value": n1, **units}
                 if n2 is not None:
                     rng["high"] = {"value": n2, **units}
-                return {"kind": "Range", "value": rng}
+                found = ("Range", rng, not plain)
+        elif n1 is not None:  # any other SN.3 (none, '.', ...): SN[Quantity] of SN.1 and SN.2
+            q = {"value": n1, **units}
+            _put(q, "comparator", sign)
+            found = ("Quantity", q, bool(separator or second) or not (plain or sign))
+        if found:
+            kind, value, lossy = found
+            if lossy:  # the IG's originalText, where the FHIR value leaves part of the SN out
+                value = {"extension": [{"url": _ORIGINAL_TEXT, "valueString": " ".join(
+                    p for p in (comparator, first, separator, second) if p)}], **value}
+            return {"kind": kind, "value": value}
         text = " ".join(p for p in (comparator, first, separator, second, units.get("unit", "")) if p)
         return {"kind": "String", "value": text}
 

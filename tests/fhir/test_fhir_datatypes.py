@@ -439,6 +439,7 @@ def test_quantity_units_forms(mappings):
 # fhir.sn (SN)
 
 U = {"unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+OT = "http://hl7.org/fhir/StructureDefinition/originalText"
 
 
 @pytest.mark.parametrize(("sn", "expected"), [
@@ -454,7 +455,22 @@ U = {"unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
     ("^^-^20", {"kind": "Range", "value": {"high": {"value": 20, **U}}}),
     ("<>^3", {"kind": "String", "value": "<> 3 mg/dL"}),
     ("^2^+", {"kind": "String", "value": "2 + mg/dL"}),
-    (">^10^-^20", {"kind": "String", "value": "> 10 - 20 mg/dL"}),
+    # the IG picks the type by SN.3 alone; originalText keeps what the value leaves out
+    (">^10^-^20", {"kind": "Range", "value": {"extension": [{"url": OT, "valueString": "> 10 - 20"}],
+                                              "low": {"value": 10, **U}, "high": {"value": 20, **U}}}),
+    ("-^1^-^3", {"kind": "Range", "value": {"extension": [{"url": OT, "valueString": "- 1 - 3"}],
+                                            "low": {"value": 1, **U}, "high": {"value": 3, **U}}}),
+    (">^1^.^3", {"kind": "Quantity", "value": {"extension": [{"url": OT, "valueString": "> 1 . 3"}],
+                                               "value": 1, "comparator": ">", **U}}),
+    ("^7^.", {"kind": "Quantity", "value": {"extension": [{"url": OT, "valueString": "7 ."}], "value": 7, **U}}),
+    ("ca^5", {"kind": "Quantity", "value": {"extension": [{"url": OT, "valueString": "ca 5"}], "value": 5, **U}}),
+    ('"^1^:^3', {"kind": "Ratio", "value": {"extension": [{"url": OT, "valueString": '" 1 : 3'}],
+                                            "numerator": {"value": 1, **U}, "denominator": {"value": 3, **U}}}),
+    (">=^1^/^3", {"kind": "Ratio", "value": {"numerator": {"value": 1, "comparator": ">=", **U},
+                                             "denominator": {"value": 3, **U}}}),
+    ("<>^1^-^3", {"kind": "String", "value": "<> 1 - 3 mg/dL"}),
+    ("^1^+^3", {"kind": "String", "value": "1 + 3 mg/dL"}),
+    ("^abc^-^3", {"kind": "String", "value": "abc - 3 mg/dL"}),
     ("^abc", {"kind": "String", "value": "abc mg/dL"}),
     ("^1^:", {"kind": "String", "value": "1 : mg/dL"}),
     ("", None), ("\"\"", None), ("^^^", None),

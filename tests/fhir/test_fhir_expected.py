@@ -538,8 +538,6 @@ BUG_REASONS = {
     "sr-key": "oru/orm: ServiceRequest id is the placer order number alone, so OBRs sharing one "
               "placer number (one ORC, many OBR) collapse into one ServiceRequest whose code gathers "
               "every OBR-4 coding; the IG makes one ServiceRequest per OBR.",
-    "sn": "datatypes fhir.sn: an SN whose SN.1 is not a comparator, or with '.' and a second number, "
-          "becomes valueString; the IG picks Quantity/Range/Ratio by SN.3 alone. Undocumented.",
     "orm-nk1": "orm: NK1 is ignored; the IG's OML_O21 maps NK1 to RelatedPerson and Patient.contact.",
 }
 
@@ -744,10 +742,6 @@ def _bug(reason: str, pairs: str, *where: str) -> list[Rule]:
 #: Our mapping is wrong here; reported to the template owner. The pairs named are strict xfails.
 BUGS: list[Rule] = [
     *_bug("sr-key", "rs__sample_orm_20230809-001", "ServiceRequest", "code"),
-    *_bug("sn", "rs-mi__OBX-to-Observation-sn-as-quantity-value rs-mi__OBX-to-Observation-sn-as-range-value "
-          "rs-mi__OBX-to-Observation-sn-as-ratio-value-colon", "Observation", "value"),
-    *_bug("sn", "rs-mi__OBX-to-Observation-sn-as-quantity-value rs-mi__OBX-to-Observation-sn-as-range-value",
-          "Observation", "unit", T),
     *_bug("orm-nk1", "rs-mi__oml_o21-full rs__sample_oml_20240319-001", "*", "resourceType", T, "RelatedPerson"),
 ]
 

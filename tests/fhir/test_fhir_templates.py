@@ -743,3 +743,22 @@ def test_composite_values_are_decoded_not_encoded_v2_text():
          "valueAttachment": {"contentType": "image/gif", "url": "http://a.test/2"}}]
     assert by_code(result, "56799-0")[0]["valueString"] == "12 Elm St&Co Brookhaven OR 97001"
     assert by_code(result, "X-1")[0]["valueString"] == "10-20"
+
+
+def test_sn_type_is_picked_by_the_separator():
+    """An SN is a Quantity, Range or Ratio by SN.3 alone, as the IG maps OBX-5; what is left out stays as originalText."""
+    raw = fixture("oru_r01.hl7")
+    result = check(render(_message(
+        *_segments(raw, "MSH", "PID"),
+        "OBR|1|ORD-94^EHR|LAB-94^LAB|24331-1^Lipid panel^LN|||20240306073000",
+        "OBX|1|SN|2093-3^Cholesterol^LN||>^1^.^3|mg/dL^mg/dL^UCUM|||||F",
+        "OBX|2|SN|2085-9^HDL^LN||-^40^-^60|mg/dL^mg/dL^UCUM|||||F",
+        'OBX|3|SN|5195-3^Titer^LN||"^1^:^128||||||F')))
+    text = "http://hl7.org/fhir/StructureDefinition/originalText"
+    mg_dl = {"unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+    assert by_code(result, "2093-3")[0]["valueQuantity"] == {
+        "extension": [{"url": text, "valueString": "> 1 . 3"}], "value": 1, "comparator": ">", **mg_dl}
+    assert by_code(result, "2085-9")[0]["valueRange"] == {
+        "extension": [{"url": text, "valueString": "- 40 - 60"}], "low": {"value": 40, **mg_dl}, "high": {"value": 60, **mg_dl}}
+    assert by_code(result, "5195-3")[0]["valueRatio"] == {
+        "extension": [{"url": text, "valueString": '" 1 : 128'}], "numerator": {"value": 1}, "denominator": {"value": 128}}
