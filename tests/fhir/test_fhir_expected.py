@@ -525,8 +525,8 @@ REASONS = {
     "siu-start": "Appointment start and end come from SCH-11 (the IG's TQ[Appointment]) and from TQ1 only "
                  "without it; Microsoft reads TQ1 first.",
     "rs-order-codes": "The ReportStream ORM translations captured by trusted-intermediary carry no code on "
-                      "the ServiceRequest and its Observations and drop CE and XAD values; ours maps OBR-4, "
-                      "OBX-3 and OBX-5 as the IG does.",
+                      "the ServiceRequest and its Observations and drop CE and XAD values and the NK1; ours "
+                      "maps OBR-4, OBX-3, OBX-5 and NK1 (RelatedPerson) as the IG does.",
     "rs-specimen-obx": "ReportStream leaves out the value and units of the OBX under an SPM (SN ^28); ours "
                        "maps them as any OBX.",
     "glued-orc": "In ms__MDHHS-OML-O21-1 the ORC is glued to the GT1 line (a missing segment terminator): Microsoft "
@@ -538,7 +538,6 @@ BUG_REASONS = {
     "sr-key": "oru/orm: ServiceRequest id is the placer order number alone, so OBRs sharing one "
               "placer number (one ORC, many OBR) collapse into one ServiceRequest whose code gathers "
               "every OBR-4 coding; the IG makes one ServiceRequest per OBR.",
-    "orm-nk1": "orm: NK1 is ignored; the IG's OML_O21 maps NK1 to RelatedPerson and Patient.contact.",
 }
 
 
@@ -729,6 +728,7 @@ ALLOWED: list[Rule] = [
     Rule("rs-order-codes", "ti__AL_0[01][123]_ORM_*", "ServiceRequest", "code", O),
     Rule("rs-order-codes", "ti__AL_003_ORM_O01_NBS", "Observation", "value", O, "67704-7 = *"),
     Rule("rs-order-codes", "ti__AL_0[01][123]_ORM_*", "Observation", "value", O, "62331-4 = *"),
+    *_types("rs-order-codes", "ti__AL_0[01][123]_ORM_*", O, "RelatedPerson"),
     Rule("rs-specimen-obx", "rs-mi__oru_r01-full", "Observation", "*", O, "21612-7 = *"),
     Rule("glued-orc", "ms__MDHHS-OML-O21-1", "*", "resourceType", O),
 ]
@@ -742,7 +742,6 @@ def _bug(reason: str, pairs: str, *where: str) -> list[Rule]:
 #: Our mapping is wrong here; reported to the template owner. The pairs named are strict xfails.
 BUGS: list[Rule] = [
     *_bug("sr-key", "rs__sample_orm_20230809-001", "ServiceRequest", "code"),
-    *_bug("orm-nk1", "rs-mi__oml_o21-full rs__sample_oml_20240319-001", "*", "resourceType", T, "RelatedPerson"),
 ]
 
 

@@ -762,3 +762,18 @@ def test_sn_type_is_picked_by_the_separator():
         "extension": [{"url": text, "valueString": "- 40 - 60"}], "low": {"value": 40, **mg_dl}, "high": {"value": 60, **mg_dl}}
     assert by_code(result, "5195-3")[0]["valueRatio"] == {
         "extension": [{"url": text, "valueString": '" 1 : 128'}], "numerator": {"value": 1}, "denominator": {"value": 128}}
+
+
+def test_orm_and_oml_map_next_of_kin():
+    """NK1 in ORM/OML: Patient.contact and a RelatedPerson, as ADT and ORU map them."""
+    raw = fixture("orm_o01.hl7")
+    nk1 = _segments(fixture("adt_a01.hl7"), "NK1")
+    with_kin = _message(*_segments(raw, "MSH", "PID"), *nk1, *_segments(raw, "PV1", "ORC", "OBR", "NTE", "DG1", "OBX"))
+    for message in (with_kin, with_kin.replace(b"ORM^O01^ORM_O01", b"OML^O21^OML_O21")):
+        result = check(render(message))
+        related = only(result, "RelatedPerson")
+        assert related["patient"] == {"reference": f"Patient/{PATIENT_ID}"}
+        assert related["name"][0]["given"] == ["Rowan"]
+        assert only(result, "Patient")["contact"][0]["name"]["family"] == "Quillfeather"
+    adt = only(check(render(fixture("adt_a01.hl7"))), "RelatedPerson")
+    assert related["id"] == adt["id"], "the same next of kin as the ADT's"
