@@ -334,19 +334,29 @@ class DestinationWorker:
         """Deliver from the head of the queue; returns seconds to wait before reading it again.
 
         Each attempt's record is committed before the next delivery starts, so a crash
-        can make a destination see again only the one message that was in flight.
+        can make a destination see again only the one message that was in flight. An
+        idempotent destination (see Destination.idempotent) goes on while records
+        commit: what a crash repeats there changes nothing.
         """
-        for delivery in heads:
-            if not self._running:
-                break
-            now = utcnow()
-            if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
-                return (delivery.next_attempt_at - now).total_seconds()
-            attempt = yield self._attempt(delivery)
-            yield self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
-            self.runtime.attempted(delivery.message_id, self.config.name, attempt.ok, attempt.error)
-            if attempt.new_state == ERROR:
-                return max(0.0, (attempt.next_attempt_at - utcnow()).total_seconds())
+        records = []
+        try:
+            for delivery in heads:
+                if not self._running:
+                    break
+                now = utcnow()
+                if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
+                    return (delivery.next_attempt_at - now).total_seconds()
+                attempt = yield self._attempt(delivery)
+                record = self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
+                records.append(record)
+                if attempt.new_state == ERROR or not self.destination.idempotent:
+                    yield record
+                self.runtime.attempted(delivery.message_id, self.config.name, attempt.ok, attempt.error)
+                if attempt.new_state == ERROR:
+                    return max(0.0, (attempt.next_attempt_at - utcnow()).total_seconds())
+        finally:
+            # The next read of the queue must see every outcome of this one.
+            yield defer.DeferredList(records, consumeErrors=True)
         return 0
 
     @defer.inlineCallbacks

@@ -38,6 +38,10 @@ class Destination:
     """A place messages go to. Implementations override `deliver` and, if they hold resources, `close`."""
 
     name: str
+    #: Delivering the same payload twice leaves the far side as once (an identical file is
+    #: "already present"; a FHIR PUT by id). The runtime then need not record each attempt
+    #: before starting the next: a crash can only repeat deliveries that change nothing.
+    idempotent: bool = False
 
     def deliver(self, payload: bytes, target: str | None = None) -> defer.Deferred[Result]:
         """Deliver one message. Never errbacks: every failure is a Result(ok=False).

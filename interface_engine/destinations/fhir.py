@@ -76,6 +76,8 @@ class _BodyReader(Protocol):
 class FHIRDestination(Destination):
     """A FHIR server taking transaction Bundles at its base URL. One request at a time."""
 
+    idempotent = True  # the Bundles are PUTs by deterministic ids
+
     def __init__(self, name: str, base_url: str, *, auth: Auth | None = None,
                  timeout: float = 30.0, ca_file: str | None = None, reactor=None):
         if reactor is None:

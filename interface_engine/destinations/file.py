@@ -21,6 +21,8 @@ _PERMANENT = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
 
 
 class FileDestination(Destination):
+    idempotent = True  # the same bytes again are "already present"; other bytes never overwrite
+
     def __init__(self, name: str, *, reactor=None):
         if reactor is None:
             from twisted.internet import reactor

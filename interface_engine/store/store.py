@@ -317,30 +317,30 @@ class Store:
     # -- channels ---------------------------------------------------------------
 
     def save_processing(self, batch: list[Processed], now: datetime | None = None) -> list[bool]:
-        """Record what channels made of messages, in one transaction.
+        """Record what channels made of messages, in one transaction of a few batched statements.
 
         A message leaves `received` exactly once: if it already has (a second
         runtime raced this one), its result is dropped and False returned for it.
         """
         now = now or utcnow()
-        done, rows, touched = [], [], []
         conn = self._writer()
         with conn.begin():
-            for p in batch:
-                moved = conn.execute(
-                    update(messages).where(messages.c.id == p.message_id, messages.c.state == RECEIVED)
-                    .values(state=FILTERED if p.filter_reason else QUEUED, filter_reason=p.filter_reason))
-                done.append(moved.rowcount == 1)
-                if moved.rowcount != 1 or p.filter_reason:
-                    continue
-                touched.append(p.message_id)
-                rows.extend({"message_id": p.message_id, "channel": p.channel, "destination": d.destination,
-                             "state": d.state, "attempts": 0, "next_attempt_at": None, "target": d.target,
-                             "output": d.output, "last_error": d.error, "response": None,
-                             "created_at": now, "updated_at": now} for d in p.deliveries)
+            waiting = {row[0] for row in conn.execute(
+                _STILL_RECEIVED, {"ids": [p.message_id for p in batch]})}
+            done = [p.message_id in waiting for p in batch]
+            moving = [p for p, ok in zip(batch, done) if ok]
+            if moving:
+                conn.execute(_LEAVE_RECEIVED, [
+                    {"mid": p.message_id, "new_state": FILTERED if p.filter_reason else QUEUED,
+                     "reason": p.filter_reason} for p in moving])
+            rows = [{"message_id": p.message_id, "channel": p.channel, "destination": d.destination,
+                     "state": d.state, "attempts": 0, "next_attempt_at": None, "target": d.target,
+                     "output": d.output, "last_error": d.error, "response": None,
+                     "created_at": now, "updated_at": now}
+                    for p in moving if not p.filter_reason for d in p.deliveries]
             if rows:
                 conn.execute(insert(deliveries), rows)
-            self._settle(conn, touched)
+            self._settle(conn, [p.message_id for p in moving if not p.filter_reason])
         return done
 
     def queue(self, requests: list[tuple[str, str, int]]) -> list[list[QueuedDelivery]]:
@@ -363,15 +363,18 @@ class Store:
                 {"delivery_id": a.delivery_id, "started_at": a.started_at, "duration_ms": a.duration_ms,
                  "outcome": a.new_state if a.ok else ERROR, "error": a.error, "response": a.response}
                 for a in batch])
+            keep, replace = [], []
             for a in batch:
-                values = {"state": a.new_state, "attempts": deliveries.c.attempts + 1,
-                          "next_attempt_at": a.next_attempt_at, "last_error": a.error,
-                          "response": a.response, "updated_at": now}
-                if a.rerender:
-                    values["output"] = None
-                elif a.output is not None:
-                    values["output"] = a.output
-                conn.execute(update(deliveries).where(deliveries.c.id == a.delivery_id).values(**values))
+                values = {"did": a.delivery_id, "new_state": a.new_state, "next_at": a.next_attempt_at,
+                          "last_error": a.error, "response": a.response, "now": now}
+                if a.rerender or a.output is not None:
+                    replace.append(values | {"output": None if a.rerender else a.output})
+                else:
+                    keep.append(values)
+            if keep:
+                conn.execute(_RECORD_ATTEMPT, keep)
+            if replace:
+                conn.execute(_RECORD_ATTEMPT_OUTPUT, replace)
             self._settle(conn, sorted({a.message_id for a in batch}))
         return [None] * len(batch)
 
@@ -433,6 +436,18 @@ class Store:
         with self._connect() as conn:
             return conn.execute(query).scalar_one()
 
+
+# Prepared once: building a statement per row cost more than running it.
+_STILL_RECEIVED = (select(messages.c.id)
+                   .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)),
+                          messages.c.state == RECEIVED))
+_LEAVE_RECEIVED = (update(messages).where(messages.c.id == sa.bindparam("mid"))
+                   .values(state=sa.bindparam("new_state"), filter_reason=sa.bindparam("reason")))
+_RECORD_ATTEMPT = (update(deliveries).where(deliveries.c.id == sa.bindparam("did"))
+                   .values(state=sa.bindparam("new_state"), attempts=deliveries.c.attempts + 1,
+                           next_attempt_at=sa.bindparam("next_at"), last_error=sa.bindparam("last_error"),
+                           response=sa.bindparam("response"), updated_at=sa.bindparam("now")))
+_RECORD_ATTEMPT_OUTPUT = _RECORD_ATTEMPT.values(output=sa.bindparam("output"))
 
 _QUEUE_HEAD = (
     select(deliveries.c.id, deliveries.c.message_id, deliveries.c.state, deliveries.c.attempts,
