@@ -30,7 +30,7 @@ def oru_r01(control_id: str = "LAB00001", *, mrn: str = "MRN100001", family: str
     segments = [
         f"MSH|^~\\&|LAB_APP|GENERAL_LAB|ENGINE|HUB|20260103101500-0500||ORU^R01^ORU_R01|{control_id}|P|2.5.1",
         f"PID|1||{mrn}^^^GEN^MR||{family}^{given}||19800101|F",
-        f"OBR|1|{order}|FIL{order}|24331-1^LIPID PANEL^LN|||{observed}||||||||||||||20260103100000|||F",
+        f"OBR|1|{order}|FIL{order}|24331-1^LIPID PANEL^LN|||{observed}|||||||||||||||20260103100000|||F",
         f"OBX|1|NM|2093-3^CHOLESTEROL^LN||182|mg/dL^^UCUM|<200|N|||F|||{observed}",
         f"OBX|2|NM|2571-8^TRIGLYCERIDE^LN||95|mg/dL^^UCUM|<150|N|||F|||{observed}",
         "NTE|1||Fasting sample",
