@@ -515,8 +515,13 @@ def render_table(results: list[dict]) -> str:
             fmt(r["generator_cpu_pct"], ".0f") + "%", fmt(r["target_cpu_pct"], ".0f") + "%",
             fmt(r["host_cpu_pct"], ".0f") + "%",
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    return text_table(rows)
+
+
+def text_table(rows: list[tuple[str, ...]], left: int = 2) -> str:
+    """Rows of cells (the first is the header) as aligned text: `left` columns flush left, the rest right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
