@@ -164,19 +164,23 @@ def kind_of(value) -> str:
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def load(path: str | os.PathLike) -> EngineConfig:
-    """Load and validate the engine config at `path`."""
-    path = str(path)
+def read_toml(path: str, missing: str) -> dict:
+    """A TOML file's tables, or a ConfigError naming the file; `missing` says what to do if absent."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file (pass --config PATH)") from None
+        raise ConfigError(f"{path}: {missing}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse(data, path)
+
+
+def load(path: str | os.PathLike) -> EngineConfig:
+    """Load and validate the engine config at `path`."""
+    path = str(path)
+    return parse(read_toml(path, "no such config file (pass --config PATH)"), path)
 
 
 def parse(data: dict, path: str = "<config>") -> EngineConfig:

@@ -12,12 +12,11 @@ expected, in one line, so `channels validate` reads like a compiler.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..config import ConfigError, EngineConfig, ListenerConfig, Section, read_listener
+from ..config import ConfigError, EngineConfig, ListenerConfig, Section, read_listener, read_toml
 
 SOURCE_TYPES = ("mllp", "directory")
 DESTINATION_TYPES = ("file", "mllp", "fhir")
@@ -118,16 +117,7 @@ class ChannelConfig:
 def load_channel(path: str | Path, checker=None) -> ChannelConfig:
     """Read and check one channel file. `checker` (a Mappings) checks templates and rules."""
     path = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such channel file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse_channel(data, path, checker)
+    return parse_channel(read_toml(path, "no such channel file"), path, checker)
 
 
 def parse_channel(data: dict, path: str, checker=None) -> ChannelConfig:

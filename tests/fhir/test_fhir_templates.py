@@ -21,7 +21,7 @@ import pytest
 from interface_engine import hl7
 from interface_engine.channels.helpers import uuid5
 from interface_engine.channels.templating import Mappings
-from interface_engine.fhir.bundle import build
+from interface_engine.fhir.bundle import build, prune
 
 REPO = Path(__file__).resolve().parents[2]
 MAPPINGS = REPO / "mappings"
@@ -83,17 +83,6 @@ def render(raw: bytes | str, template: str | None = None) -> dict:
     msg = hl7.parse(raw)
     name = template or TEMPLATES[msg["MSH-9.1"]]
     return json.loads(_mappings.render(f"fhir/{name}.fhir.json.j2", msg, kind="json", timezone=ZONE))
-
-
-def prune(value):
-    """What the bundle builder sends: no null, "", [] or {} anywhere."""
-    if isinstance(value, dict):
-        kept = {k: v for k, v in ((k, prune(v)) for k, v in value.items()) if v is not None}
-        return kept or None
-    if isinstance(value, list):
-        kept = [v for v in (prune(v) for v in value) if v is not None]
-        return kept or None
-    return None if value is None or value == "" else value
 
 
 def references(value, found=None) -> list[str]:
