@@ -531,14 +531,12 @@ REASONS = {
                        "maps them as any OBX.",
     "glued-orc": "In ms__MDHHS-OML-O21-1 the ORC is glued to the GT1 line (a missing segment terminator): Microsoft "
                  "then maps no order, ours maps the OBR and the DG1, OBX and SPM after it.",
+    "sr-per-obr": "Under one ORC with several OBRs, ours makes one ServiceRequest per OBR, as the IG's order "
+                  "maps do; ReportStream maps the first OBR only (rs__sample_orm_20230809-001).",
 }
 
 #: Our mapping is wrong (reported to the template owner): the pairs a rule names are strict xfails.
-BUG_REASONS = {
-    "sr-key": "oru/orm: ServiceRequest id is the placer order number alone, so OBRs sharing one "
-              "placer number (one ORC, many OBR) collapse into one ServiceRequest whose code gathers "
-              "every OBR-4 coding; the IG makes one ServiceRequest per OBR.",
-}
+BUG_REASONS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -636,6 +634,7 @@ ALLOWED: list[Rule] = [
     *_types("pid21", "rs-mi__orm_o01-full", T, "RelatedPerson"),
     *_types("pid21", "rs-mi__pid-to-patient-pid-fully-populated", T, "RelatedPerson"),
     *_types("pid21", "rs__sample_orm_20230809-001", T, "RelatedPerson"),
+    Rule("sr-per-obr", "rs__sample_orm_20230809-001", "ServiceRequest", "code", O),
     *_types("nk1-no-name", "rs-mi__xad-to-address-type-h", T, "RelatedPerson"),
     *_types("no-encounter", "ms__ADT01-28", T, "Encounter", "Practitioner"),
     *_types("no-encounter", "ms__MDM-T02-03", T, "Encounter"),
@@ -740,9 +739,7 @@ def _bug(reason: str, pairs: str, *where: str) -> list[Rule]:
 
 
 #: Our mapping is wrong here; reported to the template owner. The pairs named are strict xfails.
-BUGS: list[Rule] = [
-    *_bug("sr-key", "rs__sample_orm_20230809-001", "ServiceRequest", "code"),
-]
+BUGS: list[Rule] = []
 
 
 def unexplained(pair: str, result: Comparison) -> tuple[list[Difference], list[tuple[str, Difference]]]:
