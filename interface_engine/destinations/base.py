@@ -43,6 +43,20 @@ class Destination:
     #: before starting the next: a crash can only repeat deliveries that change nothing.
     idempotent: bool = False
 
+    _busy = False
+
+    def _one_at_a_time(self, attempt) -> defer.Deferred[Result]:
+        """Run `attempt()` (a coroutine function) as the one delivery in flight; it never errbacks."""
+        if self._busy:
+            raise RuntimeError(f"destination {self.name}: deliver called with a message in flight")
+        self._busy = True
+        d = never_fails(defer.Deferred.fromCoroutine(attempt()), self.name)
+        return d.addBoth(self._idle)
+
+    def _idle(self, result: Result) -> Result:
+        self._busy = False
+        return result
+
     def deliver(self, payload: bytes, target: str | None = None) -> defer.Deferred[Result]:
         """Deliver one message. Never errbacks: every failure is a Result(ok=False).
 

@@ -32,7 +32,7 @@ from twisted.web.http import PotentialDataLoss
 from treq.client import HTTPClient
 
 from .auth import Answer, Auth, AuthError, Headerdict, TransportError, is_loopback, retry_after
-from .base import Destination, Result, never_fails, one_line
+from .base import Destination, Result, one_line
 
 log = Logger()
 
@@ -108,22 +108,13 @@ class FHIRDestination(Destination):
         self._pool.retryAutomatically = False
         agent = Agent(reactor, contextFactory=policy, pool=self._pool, connectTimeout=timeout)
         self._http = HTTPClient(agent)
-        self._busy = False
         self._pending: defer.Deferred | None = None
         self._closing = False
 
     def deliver(self, payload: bytes, target: str | None = None) -> defer.Deferred[Result]:
         """POST one transaction Bundle to the base URL; `target` is not used (the base is the target)."""
-        if self._busy:
-            raise RuntimeError(f"destination {self.name}: deliver called with a message in flight")
-        self._busy = True
         self._closing = False
-        d = never_fails(defer.Deferred.fromCoroutine(self._attempt(payload)), self.name)
-        return d.addBoth(self._idle)
-
-    def _idle(self, result: Result) -> Result:
-        self._busy = False
-        return result
+        return self._one_at_a_time(lambda: self._attempt(payload))
 
     async def _attempt(self, payload: bytes) -> Result:
         deadline = self._reactor.seconds() + self.timeout

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from .. import hl7
 from ..mllp.framing import END_BLOCK, MLLPReceiver
-from .base import Destination, Result, never_fails, one_line
+from .base import Destination, Result, one_line
 
 log = Logger()
 
@@ -115,18 +115,9 @@ class MLLPDestination(Destination):
         self._connection: _AnswerReader | None = None
         self._connecting: defer.Deferred | None = None
         self._live: set[_AnswerReader] = set()
-        self._busy = False
 
     def deliver(self, payload: bytes, target: str | None = None) -> defer.Deferred[Result]:
-        if self._busy:
-            raise RuntimeError(f"destination {self.name}: deliver called with a message in flight")
-        self._busy = True
-        d = never_fails(defer.Deferred.fromCoroutine(self._attempt(payload)), self.name)
-        return d.addBoth(self._idle)
-
-    def _idle(self, result: Result) -> Result:
-        self._busy = False
-        return result
+        return self._one_at_a_time(lambda: self._attempt(payload))
 
     async def _attempt(self, payload: bytes) -> Result:
         if END_BLOCK in payload:
