@@ -37,6 +37,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .keys import KeyFileError
         from .mllp.client import MLLPError
         from .store import StoreError
 
@@ -46,7 +47,7 @@ def user_errors(fn):
             # The reader went away (`| head`): nothing left to say to it.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
-        except (ConfigError, StoreError, MLLPError) as e:
+        except (ConfigError, StoreError, MLLPError, KeyFileError) as e:
             raise Failure(str(e)) from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
@@ -370,6 +371,23 @@ def _jsonable(row: dict) -> dict:
             continue
         out[key] = value.isoformat() + "Z" if hasattr(value, "isoformat") else value
     return out
+
+
+@main.group()
+def keys():
+    """Manage the engine's key file (patient index and audit keys)."""
+
+
+@keys.command("init")
+@config_option
+@user_errors
+def keys_init(config_path):
+    """Create the key file named in the config, with mode 0600; never replaces one."""
+    from . import keys as key_file
+
+    config = config_module.load(config_path)
+    key_file.create(config.keys_file)
+    click.echo(f"created {config.keys_file} (mode 0600); back it up apart from the store")
 
 
 @main.group()

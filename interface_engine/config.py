@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,9 @@ class EngineConfig:
     log_level: str = "info"
     log_format: str = "text"
     pid_file: str = "var/engine.pid"
+    #: this process's name among engines sharing a store (audit chain, queue ownership)
+    node: str = "engine"
+    keys_file: str = "var/keys.json"
     store: StoreConfig = field(default_factory=StoreConfig)
     hl7: HL7Config = field(default_factory=HL7Config)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
@@ -190,7 +194,14 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
     log_level = engine.str("log_level", "info", LOG_LEVELS)
     log_format = engine.str("log_format", "text", LOG_FORMATS)
     pid_file = engine.str("pid_file", "var/engine.pid")
+    node = engine.str("node", os.environ.get("IE_NODE") or _default_node())
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", node):
+        engine.fail("node", f"expected up to 64 letters, digits or _.:- , got {node!r}")
     engine.done()
+
+    k = top.table("keys")
+    keys_file = k.str("file", "var/keys.json")
+    k.done()
 
     s, d = top.table("store"), StoreConfig()
     store = StoreConfig(
@@ -229,7 +240,8 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
         listeners.append(listener)
     top.done()
     return EngineConfig(path=path, log_level=log_level, log_format=log_format, pid_file=pid_file,
-                        store=store, hl7=hl7, channels=channels, listeners=tuple(listeners))
+                        node=node, keys_file=keys_file, store=store, hl7=hl7, channels=channels,
+                        listeners=tuple(listeners))
 
 
 def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> ListenerConfig:
@@ -248,6 +260,10 @@ def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> List
         max_pending_per_connection=section.int("max_pending_per_connection",
                                                d.max_pending_per_connection),
     )
+
+
+def _default_node() -> str:
+    return re.sub(r"[^A-Za-z0-9_.:-]", "-", socket.gethostname())[:64] or "engine"
 
 
 def _codec(section: Section, key: str, default: str) -> str:

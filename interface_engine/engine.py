@@ -22,6 +22,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from . import keys
 from .channels.config import ChannelConfig, load_channels
 from .channels.directory import DirectorySource
 from .channels.runtime import ChannelRuntime
@@ -52,6 +53,7 @@ class Engine(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.store: Store | None = None
+        self.keys: keys.Keys | None = None
         self.committer: GroupCommitter | None = None
         self.runtime: ChannelRuntime | None = None
         self.listeners: dict[str, ListenerService] = {}
@@ -68,6 +70,7 @@ class Engine(service.MultiService):
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         config = self.config
         self.channels, mappings = load_channel_set(config)
+        self.keys, created = keys.load_or_create(config.keys_file)
         prepare_sqlite_file(config.store.url)
         self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window)
         self.store.check_schema()
@@ -85,6 +88,9 @@ class Engine(service.MultiService):
             raise
         self.runtime.start()
         self._write_pid()
+        if created:
+            log.info("created the key file {path} (mode 0600); back it up apart from the store",
+                     path=config.keys_file)
         log.info("engine started: {listeners} listener(s), {channels} channel(s), store {kind}",
                  listeners=len(self.listeners), channels=len(self.channels),
                  kind=config.store.url.split(":")[0])
