@@ -121,16 +121,26 @@ def reload(config_path):
               help="Seconds to wait for each answer.")
 @click.option("--raw", is_flag=True,
               help="Send each file's bytes as they are (default: segments end with CR).")
+@click.option("--tls", is_flag=True, help="Speak TLS (1.2 or later); the server's certificate is verified.")
+@click.option("--ca", type=click.Path(dir_okay=False), help="CA certificate(s) to verify the server "
+              "with (default: the system's). Implies --tls.")
+@click.option("--cert", type=click.Path(dir_okay=False), help="Client certificate (PEM), for a listener "
+              "that requires one. Implies --tls.")
+@click.option("--key", type=click.Path(dir_okay=False), help="The client certificate's private key (PEM).")
+@click.option("--server-name", help="The name the server's certificate must carry (default: --host).")
 @user_errors
-def send(files, host, port, timeout, raw):
+def send(files, host, port, timeout, raw, tls, ca, cert, key, server_name):
     """Send HL7 v2 files over MLLP and print each answer's MSA-1, MSA-2 and MSA-3.
 
     A file may hold one message, several, or an FHS/BHS batch (sent as one frame).
     Exits 1 if any answer is not AA/CA or does not come.
     """
     from . import hl7
-    from .mllp.client import MLLPClient, MLLPError
+    from .mllp.client import MLLPClient, MLLPError, tls_context
 
+    if bool(cert) != bool(key):
+        raise Failure("--cert and --key go together")
+    context = tls_context(ca, cert, key) if tls or ca or cert or server_name else None
     frames = []
     for name in files:
         data = Path(name).read_bytes()
@@ -139,7 +149,7 @@ def send(files, host, port, timeout, raw):
     if not frames:
         raise Failure("no HL7 message found in the given files (each must contain an MSH segment)")
     failed = 0
-    with MLLPClient(host, port, timeout=timeout) as client:
+    with MLLPClient(host, port, timeout=timeout, tls=context, server_name=server_name) as client:
         for name, payload in frames:
             try:
                 answer = client.send(payload)

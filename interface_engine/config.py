@@ -37,6 +37,7 @@ class ListenerConfig:
     max_connections: int = 200
     max_connections_per_peer: int = 20
     max_pending_per_connection: int = 64
+    tls: object | None = None          # tls.ServerTLS when the listener speaks TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +247,8 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
 
 def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> ListenerConfig:
     """The listener keys, shared by engine.toml's [[listeners]] and a channel's own [source]."""
+    from .tls import read_server
+
     d = ListenerConfig(name=name)
     return ListenerConfig(
         name=name,
@@ -259,6 +262,7 @@ def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> List
         max_connections_per_peer=section.int("max_connections_per_peer", d.max_connections_per_peer),
         max_pending_per_connection=section.int("max_pending_per_connection",
                                                d.max_pending_per_connection),
+        tls=read_server(section.table("tls")),
     )
 
 

@@ -80,6 +80,15 @@ def store_url(request, tmp_path):
 LISTENING = re.compile(r"listening for MLLP on [\d.]+:(\d+) \((\S+)\)")
 
 
+def _toml(value) -> str:
+    """Enough TOML for a listener's settings: strings, numbers, lists and inline tables."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
 class EngineProcess:
     """`interface-engine run` in a subprocess, with its log kept for inspection."""
 
@@ -93,7 +102,7 @@ class EngineProcess:
         lines = ["[engine]", 'log_level = "debug"', "[store]", f'url = "{store_url}"', extra,
                  "[[listeners]]"]
         for key, value in settings.items():
-            lines.append(f"{key} = {value!r}" if isinstance(value, str) else f"{key} = {value}")
+            lines.append(f"{key} = {_toml(value)}")
         self.config_path.write_text("\n".join(lines).replace("'", '"') + "\n")
         self.proc: subprocess.Popen | None = None
         self.port = 0

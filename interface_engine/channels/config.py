@@ -17,6 +17,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..config import ConfigError, EngineConfig, ListenerConfig, Section, read_listener, read_toml
+from ..tls import ClientTLS, read_client
 
 SOURCE_TYPES = ("mllp", "directory")
 DESTINATION_TYPES = ("file", "mllp", "fhir")
@@ -67,6 +68,7 @@ class DestinationConfig:
     port: int | None = None
     ack_timeout: float = 30.0
     connect_timeout: float = 10.0
+    tls: ClientTLS | None = None             # mllp over TLS
     url: str | None = None                   # fhir: the server's base URL
     timeout: float = 30.0
     ca_file: str | None = None
@@ -174,7 +176,7 @@ def _source(s: Section, channel: str) -> SourceConfig:
             own = read_listener(s, f"channel:{channel}", ack_mode=False)
         else:
             shared = {"host", "port", "max_frame", "frame_timeout", "idle_timeout",
-                      "max_connections", "max_connections_per_peer", "max_pending_per_connection"}
+                      "max_connections", "max_connections_per_peer", "max_pending_per_connection", "tls"}
             extra = sorted(set(s.data) & shared)
             if extra:
                 s.fail(extra[0], "belongs to the named listener in the engine config "
@@ -226,6 +228,7 @@ def _destination(s: Section, checker) -> DestinationConfig:
         options["port"] = s.int("port", None, 1, 65535)
         options["ack_timeout"] = s.duration("ack_timeout", 30.0)
         options["connect_timeout"] = s.duration("connect_timeout", 10.0)
+        options["tls"] = read_client(s.table("tls"))
     s.done()
     return DestinationConfig(name=name, type=kind, template=template, when=when, retry=retry, **options)
 

@@ -51,7 +51,7 @@ def make_destination(config: DestinationConfig, reactor) -> Destination:
         return FHIRDestination(config.name, config.url, auth=make_auth(config.auth),
                                timeout=config.timeout, ca_file=config.ca_file, reactor=reactor)
     return MLLPDestination(config.name, config.host, config.port, ack_timeout=config.ack_timeout,
-                           connect_timeout=config.connect_timeout, reactor=reactor)
+                           connect_timeout=config.connect_timeout, tls=config.tls, reactor=reactor)
 
 
 def make_auth(auth):

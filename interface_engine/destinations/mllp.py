@@ -12,8 +12,10 @@ from __future__ import annotations
 from functools import partial
 
 from twisted.internet import defer, error, protocol
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .. import hl7
 from ..mllp.framing import END_BLOCK, MLLPReceiver
@@ -29,6 +31,7 @@ class _Failed(Exception):
     """An attempt ended without a usable answer; the text is the one-line Result.error."""
 
 
+@implementer(IHandshakeListener)
 class _AnswerReader(MLLPReceiver):
     """The sending side of a connection, reading answers with the listener's framing and size limit."""
 
@@ -42,6 +45,10 @@ class _AnswerReader(MLLPReceiver):
         self._lost_waiters: list[defer.Deferred[None]] = []
         self.closing = False
         self.dropped = False
+        self.handshaken = False
+
+    def handshakeCompleted(self):
+        self.handshaken = True
 
     def connectionMade(self):
         super().connectionMade()
@@ -88,6 +95,10 @@ class _AnswerReader(MLLPReceiver):
         address = self._destination.address
         if self.closing:
             self._fail("destination closed before the ACK came")
+        elif self._destination.tls is not None and not self.handshaken:
+            from ..tls import handshake_error
+
+            self._fail(f"TLS handshake with {address} failed: {one_line(handshake_error(reason))}")
         elif reason.check(error.ConnectionDone):
             self._fail(f"connection closed by {address} before the ACK")
         else:
@@ -99,7 +110,7 @@ class _AnswerReader(MLLPReceiver):
 
 class MLLPDestination(Destination):
     def __init__(self, name: str, host: str, port: int, *, ack_timeout: float = 30.0,
-                 connect_timeout: float = 10.0, max_frame: int = 1024 * 1024, reactor=None):
+                 connect_timeout: float = 10.0, max_frame: int = 1024 * 1024, tls=None, reactor=None):
         if reactor is None:
             from twisted.internet import reactor
         self.name = name
@@ -109,7 +120,13 @@ class MLLPDestination(Destination):
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
         self._reactor = reactor
+        self.tls = tls
         self._endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+        if tls is not None:
+            from ..tls import client_options
+
+            # The server's certificate and name are verified; there is no switch to skip it.
+            self._endpoint = wrapClientTLS(client_options(tls, host), self._endpoint)
         self._factory = protocol.Factory.forProtocol(partial(_AnswerReader, self))
         self._factory.noisy = False
         self._connection: _AnswerReader | None = None

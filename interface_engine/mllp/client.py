@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 
 from .framing import END_BLOCK, START_BLOCK
 
@@ -11,10 +12,28 @@ class MLLPError(Exception):
     """The peer closed, timed out or answered something that is not an MLLP frame."""
 
 
+def tls_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """The client side of the engine's TLS policy: 1.2 or later, AEAD suites, the server verified."""
+    from ..tls import AEAD_CIPHERS
+
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(AEAD_CIPHERS)
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise MLLPError(f"cannot use the TLS files: {getattr(e, 'strerror', None) or e}") from None
+    return context
+
+
 class MLLPClient:
-    def __init__(self, host: str, port: int, timeout: float = 10.0):
+    def __init__(self, host: str, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+                 server_name: str | None = None):
         self.address = (host, port)
         self.timeout = timeout
+        self.tls = tls
+        self.server_name = server_name or host
         self._sock: socket.socket | None = None
         self._buffer = b""
 
@@ -32,6 +51,13 @@ class MLLPClient:
             raise MLLPError(f"cannot connect to {self.address[0]}:{self.address[1]}: "
                             f"{e.strerror or e}") from None
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                self._sock = self.tls.wrap_socket(self._sock, server_hostname=self.server_name)
+            except (OSError, ssl.SSLError) as e:
+                self.close()
+                raise MLLPError(f"TLS handshake with {self.address[0]}:{self.address[1]} failed: "
+                                f"{getattr(e, 'reason', None) or e}") from None
 
     def close(self):
         if self._sock is not None:

@@ -6,7 +6,9 @@ from collections import Counter, deque
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ..config import ListenerConfig
 from .framing import MLLPReceiver
@@ -21,8 +23,13 @@ class _Answer:
         self.payload, self.ready, self.close = payload, ready, close
 
 
+@implementer(IHandshakeListener)
 class MLLPListenerProtocol(MLLPReceiver):
     """Answers every frame in the order the frames came, each only once it is stored."""
+
+    handshaken = False
+    tls_refusal: str | None = None   # set by the TLS layer when it refuses the client's certificate
+    _handshake_timer = None
 
     def connectionMade(self):
         config = self.factory.config
@@ -36,6 +43,18 @@ class MLLPListenerProtocol(MLLPReceiver):
         self._closed = False
         self._draining = False
         self.factory.connected(self)
+        if config.tls is not None:
+            # A handshake must not hold a connection longer than a frame may take.
+            self._handshake_timer = self.callLater(self.FRAME_TIMEOUT, self._handshakeTimedOut)
+
+    def handshakeCompleted(self):
+        self.handshaken = True
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+
+    def _handshakeTimedOut(self):
+        self.tls_refusal = f"no TLS handshake within {self.FRAME_TIMEOUT:g}s"
+        self.transport.abortConnection()
 
     def frameReceived(self, payload: bytes):
         if self._closed:
@@ -124,6 +143,12 @@ class MLLPListenerProtocol(MLLPReceiver):
 
     def connectionLost(self, reason=protocol.connectionDone):
         super().connectionLost(reason)
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        if self.factory.config.tls is not None and not self.handshaken:
+            from ..tls import handshake_error
+
+            self.factory.handshakeFailed(self.peer, self.tls_refusal or handshake_error(reason))
         if self.discarded:
             self.factory.counts["discarded_bytes"] += self.discarded
             log.info("discarded {count} bytes outside MLLP frames from {peer}",
@@ -179,6 +204,11 @@ class MLLPListenerFactory(protocol.Factory):
             for d in waiting:
                 d.callback(None)
 
+    def handshakeFailed(self, peer: str, why: str):
+        self.counts["tls_refused"] += 1
+        log.warn("refused TLS connection from {peer} on {name}: {why}", peer=peer,
+                 name=self.config.name, why=why)
+
     def checkBacklog(self):
         """Stop reading from every connection while the store is behind, so memory stays bounded."""
         pending = self.committer.pending
@@ -215,10 +245,17 @@ class ListenerService(service.Service):
 
     def startService(self):
         config = self.factory.config
-        self.port = self.reactor.listenTCP(config.port, self.factory, interface=config.host)
+        factory = self.factory
+        if config.tls is not None:
+            from ..tls import TLSListenerFactory
+
+            factory = TLSListenerFactory(config.tls, factory)
+        self.port = self.reactor.listenTCP(config.port, factory, interface=config.host)
         super().startService()
-        log.info("listening for MLLP on {host}:{port} ({name})", host=config.host,
-                 port=self.port.getHost().port, name=config.name)
+        log.info("listening for MLLP on {host}:{port} ({name}){tls}", host=config.host,
+                 port=self.port.getHost().port, name=config.name,
+                 tls=" with TLS" + (", client certificates required" if config.tls.client_ca else "")
+                 if config.tls is not None else "")
 
     def stopAccepting(self) -> defer.Deferred:
         return defer.maybeDeferred(self.port.stopListening) if self.port else defer.succeed(None)
