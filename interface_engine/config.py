@@ -37,6 +37,9 @@ class ListenerConfig:
     max_connections: int = 200
     max_connections_per_peer: int = 20
     max_pending_per_connection: int = 64
+    max_segments: int = 20_000
+    max_repetitions: int = 1_000
+    allowed_peers: tuple = ()          # ipaddress networks; empty: any peer
     tls: object | None = None          # tls.ServerTLS when the listener speaks TLS
 
 
@@ -262,8 +265,26 @@ def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> List
         max_connections_per_peer=section.int("max_connections_per_peer", d.max_connections_per_peer),
         max_pending_per_connection=section.int("max_pending_per_connection",
                                                d.max_pending_per_connection),
+        max_segments=section.int("max_segments", d.max_segments),
+        max_repetitions=section.int("max_repetitions", d.max_repetitions),
+        allowed_peers=_networks(section, "allowed_peers"),
         tls=read_server(section.table("tls")),
     )
+
+
+def _networks(section: Section, key: str) -> tuple:
+    """Addresses and networks ("10.1.2.3", "10.20.0.0/16", "::1"), checked now."""
+    import ipaddress
+
+    if key not in section.data:
+        return ()
+    networks = []
+    for text in section.strings(key, None):
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            section.fail(key, f"expected IP addresses or networks such as 10.20.0.0/16, got {text!r}")
+    return tuple(networks)
 
 
 def _default_node() -> str:

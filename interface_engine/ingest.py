@@ -35,6 +35,27 @@ class ControlIds:
         return "%s%07X" % (self._prefix, next(self._count) & 0xFFFFFFF)
 
 
+def over_limits(raw: bytes, header, limits: tuple[int, int]) -> hl7.HL7Error | None:
+    """Refuse a message built to make later stages work hard: too many segments, or a field
+    with too many repetitions. Counting bytes first keeps the common case to two scans."""
+    max_segments, max_repetitions = limits
+    body = raw.rstrip(b"\r\n")
+    segments = max(body.count(b"\r"), body.count(b"\n")) + 1
+    if segments > max_segments:
+        return hl7.HL7Error("207", f"message has more than {max_segments} segments")
+    rep = header.repetition_sep.encode("latin-1", "replace") if header.repetition_sep else b""
+    if not rep or raw.count(rep) < max_repetitions:
+        return None
+    field = header.field_sep.encode("latin-1", "replace")
+    for line in raw.replace(b"\n", b"\r").split(b"\r"):
+        fields = line.split(field)
+        for value in fields[2:] if line.startswith(b"MSH") else fields[1:]:
+            if value.count(rep) >= max_repetitions:
+                return hl7.HL7Error("207", f"a field of {line[:3].decode('latin-1')} has more than "
+                                           f"{max_repetitions} repetitions")
+    return None
+
+
 class Ingest:
     """One listener's (or directory's) way into the store.
 
@@ -52,6 +73,7 @@ class Ingest:
         self.counts: Counter = Counter()
         self.runtime = runtime
         self.routes = tuple(routes)
+        self.limits = (listener.max_segments, listener.max_repetitions)
 
     def route(self, header):
         """The channel that takes this message here, or an HL7Error saying none does."""
@@ -94,6 +116,8 @@ class Ingest:
     def _message(self, raw: bytes, peer: str) -> defer.Deferred:
         header = hl7.peek(raw, **self.charsets)
         error, channel = header.error, None
+        if error is None:
+            error = over_limits(raw, header, self.limits)
         if error is None:
             channel, error = self.route(header)
         if error is None:

@@ -176,7 +176,8 @@ def _source(s: Section, channel: str) -> SourceConfig:
             own = read_listener(s, f"channel:{channel}", ack_mode=False)
         else:
             shared = {"host", "port", "max_frame", "frame_timeout", "idle_timeout",
-                      "max_connections", "max_connections_per_peer", "max_pending_per_connection", "tls"}
+                      "max_connections", "max_connections_per_peer", "max_pending_per_connection", "tls",
+                      "max_segments", "max_repetitions", "allowed_peers"}
             extra = sorted(set(s.data) & shared)
             if extra:
                 s.fail(extra[0], "belongs to the named listener in the engine config "

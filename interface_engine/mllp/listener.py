@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter, deque
 
 from twisted.application import service
@@ -173,6 +174,11 @@ class MLLPListenerFactory(protocol.Factory):
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "?")
+        if self.config.allowed_peers and not _allowed(host, self.config.allowed_peers):
+            self.counts["refused_not_allowed"] += 1
+            log.warn("refused connection from {peer}: not on the allowed_peers of listener {name}",
+                     peer=host, name=self.config.name)
+            return None
         if len(self.connections) >= self.config.max_connections:
             self.counts["refused_total_cap"] += 1
             log.warn("refused connection from {peer}: listener {name} is at its cap of {cap}",
@@ -232,6 +238,14 @@ class MLLPListenerFactory(protocol.Factory):
         for p in list(self.connections):
             p.drainAndClose()
         return d
+
+
+def _allowed(host: str, networks) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 class ListenerService(service.Service):
