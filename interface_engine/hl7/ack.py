@@ -26,12 +26,13 @@ written into it is escaped, so no value can inject a field, segment or frame.
 from __future__ import annotations
 
 import re
+import string
 import time
 
 from .batch import batch_header_lines
 from .charset import encode, usable
 from .errors import TABLE_0357
-from .escape import Delimiters, delimiters
+from .escape import DEFAULT, Delimiters, delimiters
 from .header import Header, peek
 
 _CODES = {
@@ -95,6 +96,22 @@ def _segment(d: Delimiters, name: str, *fields: str) -> str:
     return d.field_sep.join((name, *fields[:last]))
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def _answer_delimiters(d: Delimiters):
+    """The delimiters to answer in, and how to copy the sender's encoded values into them.
+
+    Letters or digits as delimiters would split our own words ("ACK", the reason) into
+    fields, a control byte could end the MLLP frame, and one character in two roles is
+    ambiguous: then the answer uses the standard delimiters, escaping whatever it echoes.
+    """
+    chars = d.field_sep + d.encoding_chars
+    if all(c in _PUNCTUATION for c in chars) and len(set(chars)) == len(chars):
+        return d, d.escape_controls
+    return DEFAULT, DEFAULT.escape
+
+
 def build_ack(header: Header, code: str, *, control_id: str, reason: str = "", error_code: str = "",
               timestamp: str | None = None) -> bytes:
     """The ACK for a received message described by ``header`` (from ``peek``).
@@ -109,9 +126,9 @@ def build_ack(header: Header, code: str, *, control_id: str, reason: str = "", e
     """
     if code not in _ACK_CODES:
         raise ValueError(f"ACK code must be one of {sorted(_ACK_CODES)}, not {code!r}")
-    d = header.delimiters
+    d, safe = _answer_delimiters(header.delimiters)
+    esc = d.escape
     fs, cs = d.field_sep, d.component_sep
-    esc, safe = d.escape, d.escape_controls
     version = header.raw(12) or _DEFAULT_VERSION
     number = _version(header.version or _DEFAULT_VERSION)
     trigger = esc(header.trigger_event)
@@ -142,14 +159,19 @@ def build_ack(header: Header, code: str, *, control_id: str, reason: str = "", e
     return _encode("\r".join(segments) + "\r", header)
 
 
+def _batch_delimiters(line: str):
+    fs = line[3:4] or "|"
+    encoding_chars = line[4:].split(fs)[0]
+    return _answer_delimiters(delimiters(fs, encoding_chars) if encoding_chars else delimiters(fs))
+
+
 def _batch_header(line: str, name: str, timestamp: str) -> str:
     """FHS/BHS answering a received one: sender and receiver swapped, -12 refers to the received -11."""
-    fs = line[3:4] or "|"
-    fields = line[4:].split(fs)
-    d = delimiters(fs, fields[0]) if fields[0] else delimiters(fs)
+    d, safe = _batch_delimiters(line)
+    fields = line[4:].split(line[3:4] or "|")
 
     def f(n: int) -> str:
-        return d.escape_controls(fields[n - 2]) if n - 2 < len(fields) else ""
+        return safe(fields[n - 2]) if n - 2 < len(fields) else ""
 
     return _segment(d, name, d.encoding_chars, f(5), f(6), f(3), f(4), d.escape(timestamp),
                     "", "", "", "", f(11))
@@ -167,7 +189,7 @@ def build_batch_ack(batch_raw: bytes, acks: list[bytes], *, timestamp: str | Non
     stamp = timestamp if timestamp is not None else _now()
     lines = batch_header_lines(batch_raw, codec)
     fhs, bhs = lines.get("FHS"), lines.get("BHS")
-    fs = (fhs or bhs or "MSH|")[3:4] or "|"
+    fs = _batch_delimiters(fhs or bhs or "MSH|")[0].field_sep
     head = []
     if fhs is not None:
         head.append(_batch_header(fhs, "FHS", stamp))
