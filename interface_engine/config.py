@@ -209,7 +209,7 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
 
     s, d = top.table("store"), StoreConfig()
     store = StoreConfig(
-        url=os.environ.get("IE_STORE_URL") or s.str("url", d.url),
+        url=os.environ.get("IE_STORE_URL") or _store_url(s, d.url),
         duplicate_window=s.duration("duplicate_window", d.duplicate_window),
         max_batch=s.int("max_batch", d.max_batch, 1, 100_000),
         max_backlog=s.int("max_backlog", d.max_backlog, 1),
@@ -285,6 +285,31 @@ def _networks(section: Section, key: str) -> tuple:
         except ValueError:
             section.fail(key, f"expected IP addresses or networks such as 10.20.0.0/16, got {text!r}")
     return tuple(networks)
+
+
+def _store_url(section: Section, default: str) -> str:
+    """The file's store URL, with its password taken from a reference: never written in the file."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from .secrets import SecretError, resolve
+
+    url = section.str("url", default)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        section.fail("url", "expected a sqlite:/// or postgresql+psycopg:// URL")
+    if parsed.password is not None:
+        section.fail("url", 'holds a password: give it as password = "env:NAME" or "file:PATH" '
+                            "(or set IE_STORE_URL in the environment)")
+    reference = section.text("password", None)
+    if reference is None:
+        return url
+    try:
+        password = resolve(reference, what="store.password")
+    except SecretError as e:
+        raise ConfigError(f"{section.path}: {e}") from None
+    return parsed.set(password=password).render_as_string(hide_password=False)
 
 
 def _default_node() -> str:
