@@ -211,8 +211,13 @@ def test_processed_ack_mode_reports_the_destinations(setup):
         assert (code, control_id) == ("AE", "PROC2") and "downstream" in reason
 
 
-def test_malicious_template_fails_that_delivery_only(setup, tmp_path):
-    (setup.mappings / "hl7" / "evil.hl7.j2").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}\n")
+@pytest.mark.parametrize("escape, attribute", [
+    ("''.__class__.__mro__[1].__subclasses__()", "__class__"),
+    ("cycler.__init__.__globals__", "__init__"),
+    ("self._TemplateReference__context", "_TemplateReference__context"),
+])
+def test_malicious_template_fails_that_delivery_only(setup, tmp_path, escape, attribute):
+    (setup.mappings / "hl7" / "evil.hl7.j2").write_text("{{ %s }}\n" % escape)
     archive = tmp_path / "archive"
     with Receiver() as downstream:
         channel = adt_channel(downstream.port, archive=archive, on_failure="skip", attempts=1)
@@ -225,7 +230,7 @@ def test_malicious_template_fails_that_delivery_only(setup, tmp_path):
     delivery = next(d for d in setup.store.deliveries_of(setup.store.list_messages()[0]["id"])
                     if d["destination"] == "downstream")
     assert delivery["state"] == "dead"
-    assert "evil.hl7.j2 line 1" in delivery["last_error"] and "'__class__'" in delivery["last_error"]
+    assert "evil.hl7.j2 line 1" in delivery["last_error"] and f"'{attribute}'" in delivery["last_error"]
     assert "not allowed" in delivery["last_error"]
 
 
