@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import sqlalchemy as sa
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .store.schema import DEAD, REJECTED, SENT, audit_events, audit_heads, deliveries, messages
@@ -39,6 +39,12 @@ SUCCESS, FAILURE = "success", "failure"
 SEALED = ("chain", "seq", "at", "actor", "action", "object_type", "object_id", "source",
           "outcome", "correlation_id", "detail")
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+if json.encoder.c_make_encoder is not None:  # the same text, without encode()'s per-call set-up
+    _c_encoder = json.encoder.c_make_encoder(None, None, json.encoder.encode_basestring, None, ":", ",",
+                                             False, False, True)
+
+    def _encode(value) -> str:  # noqa: F811
+        return "".join(_c_encoder(value, 0))
 _LIMITS = {c.name: c.type.length for c in audit_events.c if getattr(c.type, "length", None)}
 
 _ADVANCE = sa.text("UPDATE audit_heads SET seq = seq + :n WHERE chain = :chain RETURNING seq, mac")
@@ -51,9 +57,9 @@ _DELIVERY = (select(deliveries.c.id, deliveries.c.channel, deliveries.c.destinat
              .where(deliveries.c.id.in_(sa.bindparam("ids", expanding=True))))
 
 
-def stamp(at: datetime) -> str:
-    """An event time as the mac sees it: microseconds, as both stores keep it."""
-    return f"{at:%Y-%m-%d %H:%M:%S.%f}"
+def stamp(at: datetime | str) -> str:
+    """An event time as the mac sees it: microseconds, as SQLite stores it and PostgreSQL keeps it."""
+    return at if isinstance(at, str) else at.isoformat(" ", "microseconds")
 
 
 def seal(key: bytes, previous: str, fields: tuple) -> str:
@@ -91,10 +97,10 @@ class AuditTrail:
         dialect_insert = sqlite.insert if self._sqlite else postgresql.insert
         self._new_head = dialect_insert(audit_heads).values(
             chain=sa.bindparam("chain"), seq=0, mac="").on_conflict_do_nothing()
-        columns = [c.name for c in audit_events.c if c.name != "id"]
-        self._sqlite_insert = (f"INSERT INTO audit_events ({', '.join(columns)}) "
-                               f"VALUES ({', '.join('?' * len(columns))})")
-        self._insert = insert(audit_events)
+        # The driver's executemany: SQLite takes the stored time text, psycopg a datetime.
+        marker = "?" if self._sqlite else "%s"
+        self._insert = (f"INSERT INTO audit_events ({', '.join(SEALED)}, mac) "
+                        f"VALUES ({', '.join([marker] * (len(SEALED) + 1))})")
 
     # -- writing ------------------------------------------------------------------
 
@@ -138,10 +144,9 @@ class AuditTrail:
             seq += 1
             mac = hmac.digest(key, (mac + _encode((chain, seq, when, *event))).encode(), "sha256").hex()
             rows.append((chain, seq, when, *event, mac))
-        if self._sqlite:
-            conn.exec_driver_sql(self._sqlite_insert, rows)
-        else:
-            conn.execute(self._insert, [dict(zip(SEALED + ("mac",), (*r[:2], at, *r[3:]))) for r in rows])
+        if not self._sqlite:
+            rows = [(*r[:2], at, *r[3:]) for r in rows]
+        conn.exec_driver_sql(self._insert, rows)
         conn.execute(_SET_MAC, {"chain": chain, "mac": mac})
 
     def stored(self, conn, batch, outcomes, now: datetime):
@@ -373,29 +378,32 @@ def verify(trail: AuditTrail, checkpoint_path: str | os.PathLike) -> Report:
     heads = trail.heads()
     checked: dict[str, int] = {}
     problems: list[Problem] = []
-    query = select(audit_events).order_by(audit_events.c.chain, audit_events.c.seq)
+    digest, encode = hmac.digest, _encode
     with trail.db.connect() as conn, conn.begin():
-        rows = conn.execution_options(stream_results=True, yield_per=5000).execute(query)
-        chain, state = None, None
-        for row in rows:
-            if row.chain != chain:
-                if state is not None:
+        # The driver's own rows, and SQLite's stored time text as it is: this loop is verify's cost.
+        cursor = conn.execution_options(stream_results=True).exec_driver_sql(_ALL_ROWS)
+        state = _ChainState("", None, None)
+        state.broken = True
+        while batch := cursor.fetchmany(5000):
+            for row in batch:
+                row_id, chain, seq, at, *sealed, mac = row
+                if chain != state.chain:
                     _finish(state, problems)
-                chain = row.chain
-                state = _ChainState(chain, heads.get(chain), (checkpoint or {}).get(chain))
-                checked[chain] = 0
-            if state.broken:
-                continue
-            checked[chain] += 1
-            if row.seq == state.expected and _links(key, row, state.mac):
-                state.advance(row)
-                if state.problem is not None:
-                    problems.append(state.problem)
-                continue
-            state.broken = True
-            problems.append(_classify(trail, conn, state, row, key))
-        if state is not None:
-            _finish(state, problems)
+                    state = _ChainState(chain, heads.get(chain), (checkpoint or {}).get(chain))
+                    checked[chain] = 0
+                if state.broken:
+                    continue
+                checked[chain] += 1
+                if seq == state.expected and mac == digest(key, (state.mac + encode(
+                        (chain, seq, at if at.__class__ is str else stamp(at), *sealed))).encode(),
+                        "sha256").hex():
+                    state.expected, state.mac, state.last_id = seq + 1, mac, row_id
+                    if seq in state.marks:
+                        state.check_marks(row_id, seq, mac, problems)
+                    continue
+                state.broken = True
+                problems.append(_classify(trail, conn, state, _Row(row), key))
+        _finish(state, problems)
     for chain in sorted(set(checkpoint or {}) | set(heads)):
         if chain not in checked:
             seq = max((checkpoint or {}).get(chain, (0, ""))[0], heads.get(chain, (0, ""))[0])
@@ -410,25 +418,36 @@ def verify(trail: AuditTrail, checkpoint_path: str | os.PathLike) -> Report:
     return Report(checked, problems, checkpoint)
 
 
+_ALL_ROWS = (f"SELECT id, {', '.join(SEALED)}, mac FROM audit_events ORDER BY chain, seq")
+
+
+class _Row:
+    """A driver row with the names _classify reads."""
+
+    def __init__(self, row):
+        self.id, self.chain, self.seq, self.at, self.actor, self.action, self.object_type, \
+            self.object_id, self.source, self.outcome, self.correlation_id, self.detail, self.mac = row
+
+
 class _ChainState:
     def __init__(self, chain: str, head: tuple[int, str] | None, checkpoint: tuple[int, str] | None):
         self.chain, self.head, self.checkpoint = chain, head, checkpoint
         self.expected, self.mac, self.last_id = 1, "", 0
         self.broken = False
-        self.problem: Problem | None = None
+        self.marks = {mark[0] for mark in (head, checkpoint) if mark}
 
-    def advance(self, row):
+    def check_marks(self, row_id: int, seq: int, mac: str, problems: list[Problem]):
+        """The row at a seq the head or the checkpoint recorded must be the row they recorded."""
         for name, mark in (("head", self.head), ("checkpoint", self.checkpoint)):
-            if mark and mark[0] == row.seq and mark[1] != row.mac and self.problem is None:
-                self.problem = Problem(self.chain, EDITED, row.seq, row.id,
-                                       f"row id {row.id} is not the row the {name} recorded there "
-                                       "(the chain was rewritten)")
+            if mark and mark[0] == seq and mark[1] != mac and not self.broken:
+                problems.append(Problem(self.chain, EDITED, seq, row_id,
+                                        f"row id {row_id} is not the row the {name} recorded there "
+                                        "(the chain was rewritten)"))
                 self.broken = True
-        self.expected, self.mac, self.last_id = row.seq + 1, row.mac, row.id
 
 
 def _finish(state: _ChainState, problems: list[Problem]):
-    if state.broken:
+    if state.broken or not state.chain:
         return
     last = state.expected - 1
     for name, mark in (("checkpoint", state.checkpoint), ("head", state.head)):
