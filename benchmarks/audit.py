@@ -8,6 +8,11 @@ prints each run and the median. Run from the repository root:
     .venv/bin/python benchmarks/audit.py
     .venv/bin/python benchmarks/audit.py --events 1000000 --runs 1
     .venv/bin/python benchmarks/audit.py --store-url postgresql+psycopg://postgres@127.0.0.1:5432/test
+    .venv/bin/python benchmarks/audit.py --write-cost      # what the trail adds to Store.write
+
+`--write-cost` instead stores the same batches of synthetic messages with and without
+the trail, taking turns, and prints the CPU time per message of this process (the
+writer's own cost, which a shared machine disturbs less than wall time) and the wall time.
 
 A PostgreSQL store must be empty (the script creates the tables). The exit status
 is non-zero if verify does not report the chain intact; the goal is reported, not
@@ -49,12 +54,49 @@ def fill(trail: AuditTrail, events: int, batch: int = 300):
                 for i in range(first, min(events, first + batch))])
 
 
+def write_cost(batches: int = 200, size: int = 32) -> None:
+    from interface_engine.store import Incoming
+
+    def batch(tag, n):
+        return [Incoming(raw=b"MSH|^~\\&|APP|FAC|||20260101||ADT^A01|%d|P|2.5\r" % i, listener="bench",
+                         peer="127.0.0.1", state="received", ack=b"ACK", sending_application="APP",
+                         sending_facility="FAC", control_id=f"{tag}{n}-{i}", message_type="ADT",
+                         trigger_event="A01", channel="adt") for i in range(size)]
+
+    with tempfile.TemporaryDirectory(prefix="ie-bench-audit-") as tmp:
+        trail = AuditTrail(bytes(32), "bench")
+        stores = {"without": Store(f"sqlite:///{tmp}/plain.db"),
+                  "with": Store(f"sqlite:///{tmp}/audited.db", audit=trail)}
+        cpu, wall = dict.fromkeys(stores, 0.0), dict.fromkeys(stores, 0.0)
+        for store in stores.values():
+            store.check_schema()
+            store.write(batch("warm", 0))
+        for n in range(batches):
+            for name, store in stores.items():
+                items = batch(name, n)
+                c, w = time.process_time(), time.perf_counter()
+                store.write(items)
+                cpu[name] += time.process_time() - c
+                wall[name] += time.perf_counter() - w
+        messages = batches * size
+        for name in stores:
+            print(f"Store.write {name:7} the trail: {cpu[name] / messages * 1e6:6.1f} us CPU, "
+                  f"{wall[name] / messages * 1e6:6.1f} us wall per message ({messages:,} messages, "
+                  f"batches of {size}, SQLite)")
+        print(f"the trail adds {(cpu['with'] - cpu['without']) / messages * 1e6:.1f} us CPU per message")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000, help="events in the chain (default 100000)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of verify (default 3)")
     parser.add_argument("--store-url", help="default: a SQLite file in a temporary folder")
+    parser.add_argument("--write-cost", action="store_true",
+                        help="measure what the trail adds to storing a message instead")
     args = parser.parse_args()
+    if args.write_cost:
+        write_cost()
+        return 0
     with tempfile.TemporaryDirectory(prefix="ie-bench-audit-") as tmp:
         work = Path(tmp)
         url = args.store_url or f"sqlite:///{work / 'store.db'}"

@@ -47,8 +47,6 @@ if json.encoder.c_make_encoder is not None:  # the same text, without encode()'s
         return "".join(_c_encoder(value, 0))
 _LIMITS = {c.name: c.type.length for c in audit_events.c if getattr(c.type, "length", None)}
 
-_ADVANCE = sa.text("UPDATE audit_heads SET seq = seq + :n WHERE chain = :chain RETURNING seq, mac")
-_SET_MAC = sa.text("UPDATE audit_heads SET mac = :mac WHERE chain = :chain")
 _CORRELATION = (select(messages.c.id, messages.c.correlation_id)
                 .where(messages.c.id.in_(sa.bindparam("ids", expanding=True))))
 _DELIVERY = (select(deliveries.c.id, deliveries.c.channel, deliveries.c.destination,
@@ -101,6 +99,8 @@ class AuditTrail:
         marker = "?" if self._sqlite else "%s"
         self._insert = (f"INSERT INTO audit_events ({', '.join(SEALED)}, mac) "
                         f"VALUES ({', '.join([marker] * (len(SEALED) + 1))})")
+        self._advance = f"UPDATE audit_heads SET seq = seq + {marker} WHERE chain = {marker} RETURNING seq, mac"
+        self._set_mac = f"UPDATE audit_heads SET mac = {marker} WHERE chain = {marker}"
 
     # -- writing ------------------------------------------------------------------
 
@@ -132,10 +132,10 @@ class AuditTrail:
         the CLI, several processes) take turns until their transaction ends.
         """
         chain, n = self.chain, len(events)
-        head = conn.execute(_ADVANCE, {"chain": chain, "n": n}).first()
+        head = conn.exec_driver_sql(self._advance, (n, chain)).first()
         if head is None:
             conn.execute(self._new_head, {"chain": chain})
-            head = conn.execute(_ADVANCE, {"chain": chain, "n": n}).first()
+            head = conn.exec_driver_sql(self._advance, (n, chain)).first()
         seq, mac = head[0] - n, head[1]
         at = at.replace(tzinfo=None)
         when = stamp(at)
@@ -147,7 +147,7 @@ class AuditTrail:
         if not self._sqlite:
             rows = [(*r[:2], at, *r[3:]) for r in rows]
         conn.exec_driver_sql(self._insert, rows)
-        conn.execute(_SET_MAC, {"chain": chain, "mac": mac})
+        conn.exec_driver_sql(self._set_mac, (mac, chain))
 
     def stored(self, conn, batch, outcomes, now: datetime):
         """Store.write's events: received, rejected, or a duplicate answered from an earlier row."""
@@ -324,6 +324,8 @@ class Checkpointer:
 # -- verify -----------------------------------------------------------------------------
 
 EDITED, DELETED, INSERTED, REORDERED, TRUNCATED = "edited", "deleted", "inserted", "reordered", "truncated"
+#: The chain of a problem with the checkpoint itself.
+ANY_CHAIN = "*"
 #: How far ahead verify looks, at a broken link, for the row that belongs there.
 WINDOW = 1000
 
@@ -337,6 +339,8 @@ class Problem:
     text: str
 
     def __str__(self):
+        if self.chain == ANY_CHAIN:
+            return f"{self.kind}: {self.text}"
         return f"chain {self.chain}: {self.kind} at seq {self.seq}: {self.text}"
 
 
@@ -374,7 +378,7 @@ def verify(trail: AuditTrail, checkpoint_path: str | os.PathLike) -> Report:
     try:
         checkpoint = read_checkpoint(checkpoint_path, key)
     except CheckpointError as e:
-        return Report({}, [Problem("*", EDITED, 0, None, str(e))], None)
+        return Report({}, [Problem(ANY_CHAIN, EDITED, 0, None, str(e))], None)
     heads = trail.heads()
     checked: dict[str, int] = {}
     problems: list[Problem] = []
@@ -412,7 +416,7 @@ def verify(trail: AuditTrail, checkpoint_path: str | os.PathLike) -> Report:
                 problems.append(Problem(chain, TRUNCATED, 1, None,
                                         f"no rows left; the chain had reached seq {seq}"))
     if checkpoint is None and any(checked.values()):
-        problems.append(Problem("*", TRUNCATED, 0, None,
+        problems.append(Problem(ANY_CHAIN, TRUNCATED, 0, None,
                                 f"no audit checkpoint at {checkpoint_path}: rows cut off the end of a "
                                 "chain cannot be ruled out (the engine writes it while it runs)"))
     return Report(checked, problems, checkpoint)

@@ -163,3 +163,11 @@ def test_export_jsonl_and_syslog_and_the_export_is_audited(configured, tmp_path)
     later = cli("audit", "export", "--since", "2999-01-01", "--config", configured)
     assert later.returncode == 0 and later.stdout == ""
     assert cli("audit", "verify", "--config", configured).returncode == 0   # the exports chain on
+
+
+def test_verify_without_the_checkpoint_says_what_it_cannot_rule_out(configured, tmp_path):
+    (tmp_path / "cp.json").unlink()
+    result = cli("audit", "verify", "--config", configured)
+    assert_one_line_error(result, "audit trail NOT intact: 1 problem(s)")
+    assert result.stdout == (f"truncated: no audit checkpoint at {tmp_path}/cp.json: rows cut off the end "
+                             "of a chain cannot be ruled out (the engine writes it while it runs)\n")
