@@ -79,6 +79,9 @@ class Engine(service.MultiService):
         self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window,
                            audit=self.audit)
         self.store.check_schema()
+        self.audit.record("config.loaded", actor=self.audit.actor, object_type="config",
+                          object_id=config.path, source=self.audit.source,
+                          detail={"channels": [c.name for c in self.channels]})
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
         self.committer.start()
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets)
@@ -93,6 +96,9 @@ class Engine(service.MultiService):
             raise
         self.runtime.start()
         self._audit_start()
+        self.checkpoints = Checkpointer(self.audit, config.audit.checkpoint_file,
+                                        config.audit.checkpoint_interval, self.reactor)
+        self.checkpoints.start()
         self._write_pid()
         if created:
             log.info("created the key file {path} (mode 0600); back it up apart from the store",
@@ -102,15 +108,10 @@ class Engine(service.MultiService):
                  kind=config.store.url.split(":")[0])
 
     def _audit_start(self):
-        """Record the start (blocking: the reactor is not running yet) and begin checkpoints."""
+        """Record the start once every port is bound (blocking: the reactor is not running yet)."""
         config, audit = self.config, self.audit
-        audit.record("config.loaded", actor=audit.actor, object_type="config", object_id=config.path,
-                     source=audit.source, detail={"channels": [c.name for c in self.channels]})
         audit.record("engine.started", actor=audit.actor, object_type="engine", object_id=config.node,
                      source=audit.source, detail={"pid": os.getpid()})
-        self.checkpoints = Checkpointer(audit, config.audit.checkpoint_file,
-                                        config.audit.checkpoint_interval, self.reactor)
-        self.checkpoints.start()
 
     def _audit_reload(self, ok: bool, error: str | None = None):
         audit = self.audit
