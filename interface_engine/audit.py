@@ -16,7 +16,6 @@ Events never hold message content: ids, names, states and reasons only.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import hmac
 import json
 import os
@@ -40,8 +39,8 @@ SEALED = ("chain", "seq", "at", "actor", "action", "object_type", "object_id", "
           "outcome", "correlation_id", "detail")
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 if json.encoder.c_make_encoder is not None:  # the same text, without encode()'s per-call set-up
-    _c_encoder = json.encoder.c_make_encoder(None, None, json.encoder.encode_basestring, None, ":", ",",
-                                             False, False, True)
+    _c_encoder = json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring,
+                                             None, ":", ",", False, False, True)
 
     def _encode(value) -> str:  # noqa: F811
         return "".join(_c_encoder(value, 0))
