@@ -156,7 +156,7 @@ def _sqlite_pragmas(dbapi_connection, _record):
 class Store:
     def __init__(self, url: str, *, duplicate_window: float = 86400.0, audit=None):
         self.url = url
-        #: an audit.AuditTrail: the write methods record their events in their own transaction
+        #: an audit.AuditTrail: each write method records its events in the transaction of its change
         self.audit = audit
         self.duplicate_window = timedelta(seconds=duplicate_window)
         try:
