@@ -59,9 +59,16 @@ def stamp(at: datetime | str) -> str:
     return at if isinstance(at, str) else at.isoformat(" ", "microseconds")
 
 
+def keyed(key: bytes):
+    """HMAC-SHA256 with the key set up once: each mac starts from a copy of it."""
+    return hmac.new(key, digestmod="sha256")
+
+
 def seal(key: bytes, previous: str, fields: tuple) -> str:
     """The mac of one row: `fields` are its SEALED values, `at` already stamped."""
-    return hmac.digest(key, (previous + _encode(fields)).encode(), "sha256").hex()
+    h = keyed(key)
+    h.update((previous + _encode(fields)).encode())
+    return h.hexdigest()
 
 
 def cli_actor() -> tuple[str, str]:
@@ -86,6 +93,7 @@ class AuditTrail:
         self.actor = f"engine:{chain}"
         self.source = socket.gethostname()
         self.db: sa.Engine | None = None
+        self._keyed = keyed(key)
 
     def bind(self, db: sa.Engine):
         """The store's database, for `record` and the reads of verify and export."""
@@ -138,10 +146,12 @@ class AuditTrail:
         seq, mac = head[0] - n, head[1]
         at = at.replace(tzinfo=None)
         when = stamp(at)
-        key, rows = self.key, []
+        start, rows = self._keyed, []
         for event in events:
             seq += 1
-            mac = hmac.digest(key, (mac + _encode((chain, seq, when, *event))).encode(), "sha256").hex()
+            h = start.copy()
+            h.update((mac + _encode((chain, seq, when, *event))).encode())
+            mac = h.hexdigest()
             rows.append((chain, seq, when, *event, mac))
         if not self._sqlite:
             rows = [(*r[:2], at, *r[3:]) for r in rows]
@@ -381,7 +391,7 @@ def verify(trail: AuditTrail, checkpoint_path: str | os.PathLike) -> Report:
     heads = trail.heads()
     checked: dict[str, int] = {}
     problems: list[Problem] = []
-    digest, encode = hmac.digest, _encode
+    start, encode = keyed(key), _encode
     with trail.db.connect() as conn, conn.begin():
         # The driver's own rows, and SQLite's stored time text as it is: this loop is verify's cost.
         cursor = conn.execution_options(stream_results=True).exec_driver_sql(_ALL_ROWS)
@@ -397,9 +407,10 @@ def verify(trail: AuditTrail, checkpoint_path: str | os.PathLike) -> Report:
                 if state.broken:
                     continue
                 checked[chain] += 1
-                if seq == state.expected and mac == digest(key, (state.mac + encode(
-                        (chain, seq, at if at.__class__ is str else stamp(at), *sealed))).encode(),
-                        "sha256").hex():
+                h = start.copy()
+                h.update((state.mac + encode(
+                    (chain, seq, at if at.__class__ is str else stamp(at), *sealed))).encode())
+                if seq == state.expected and mac == h.hexdigest():
                     state.expected, state.mac, state.last_id = seq + 1, mac, row_id
                     if seq in state.marks:
                         state.check_marks(row_id, seq, mac, problems)
