@@ -421,3 +421,82 @@ def upgrade(config_path):
         click.echo(f"the store is already at revision {after}")
     else:
         click.echo(f"upgraded the store from revision {before or 'none'} to {after}")
+
+
+@main.group()
+def audit():
+    """Check and export the tamper-evident audit trail."""
+
+
+@audit.command("verify")
+@config_option
+@user_errors
+def audit_verify(config_path):
+    """Recompute every audit chain and check it against its head and the signed checkpoint.
+
+    Prints the first problem of each chain (edited, deleted, inserted, reordered,
+    truncated) with the row's id and seq, and exits 1; exits 0 with one line when clean.
+    """
+    from .audit import open_trail, verify
+
+    config = config_module.load(config_path)
+    store, trail = open_trail(config)
+    report = verify(trail, config.audit.checkpoint_file)
+    store.close()
+    for problem in report.problems:
+        click.echo(str(problem))
+    rows = sum(report.chains.values())
+    if not report.ok:
+        raise Failure(f"audit trail NOT intact: {len(report.problems)} problem(s) in "
+                      f"{len(report.chains)} chain(s) of {rows} row(s)")
+    click.echo(f"audit trail intact: {len(report.chains)} chain(s), {rows} row(s), "
+               f"checkpoint of {len(report.checkpoint or {})} chain(s) matches")
+
+
+@audit.command("export")
+@config_option
+@click.option("--format", "fmt", default="jsonl", show_default=True, type=click.Choice(["jsonl", "syslog"]),
+              help="JSON lines, or RFC 5424 syslog records.")
+@click.option("--since", help="Only events at or after this UTC time, e.g. 2026-01-31 or 2026-01-31T08:00:00Z.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write to this file (mode 0600) instead of stdout.")
+@user_errors
+def audit_export(config_path, fmt, since, out):
+    """Write the audit events, oldest first; the export is itself an audited event."""
+    from datetime import datetime, timezone
+
+    from .audit import FAILURE, as_json, as_syslog, cli_actor, open_trail
+
+    start = None
+    if since:
+        try:
+            start = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            raise Failure(f"--since: expected a UTC time such as 2026-01-31 or 2026-01-31T08:00:00Z, "
+                          f"got {since!r}") from None
+        if start.tzinfo is not None:
+            start = start.astimezone(timezone.utc).replace(tzinfo=None)
+    config = config_module.load(config_path)
+    store, trail = open_trail(config)
+    actor, source = cli_actor()
+    line = as_json if fmt == "jsonl" else as_syslog
+    target = out or "stdout"
+    count = 0
+    try:
+        stream = (open(os.open(out, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600), "w", encoding="utf-8")
+                  if out else sys.stdout)
+        try:
+            for event in trail.events(start):
+                stream.write(line(event) + "\n")
+                count += 1
+        finally:
+            if out:
+                stream.close()
+    except Exception:
+        trail.record("audit.exported", actor=actor, object_type="audit", object_id=trail.chain,
+                     source=source, outcome=FAILURE, detail={"format": fmt, "to": target, "events": count})
+        raise
+    trail.record("audit.exported", actor=actor, object_type="audit", object_id=trail.chain, source=source,
+                 detail={"format": fmt, "to": target, "events": count, "since": since})
+    store.close()
+    if out:
+        click.echo(f"exported {count} audit event(s) to {out}")

@@ -64,6 +64,13 @@ class ChannelsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    #: the signed copy of every audit chain's head, kept outside the database
+    checkpoint_file: str = "var/audit-checkpoint.json"
+    checkpoint_interval: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     path: str
     log_level: str = "info"
@@ -76,6 +83,7 @@ class EngineConfig:
     hl7: HL7Config = field(default_factory=HL7Config)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
     listeners: tuple[ListenerConfig, ...] = ()
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -230,6 +238,11 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
                               mappings=c.str("mappings", d.mappings))
     c.done()
 
+    a, d = top.table("audit"), AuditConfig()
+    audit = AuditConfig(checkpoint_file=a.str("checkpoint_file", d.checkpoint_file),
+                        checkpoint_interval=a.duration("checkpoint_interval", d.checkpoint_interval))
+    a.done()
+
     top.used.add("listeners")
     raw_listeners = data.get("listeners", [])
     if not isinstance(raw_listeners, list):
@@ -245,7 +258,7 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
     top.done()
     return EngineConfig(path=path, log_level=log_level, log_format=log_format, pid_file=pid_file,
                         node=node, keys_file=keys_file, store=store, hl7=hl7, channels=channels,
-                        listeners=tuple(listeners))
+                        listeners=tuple(listeners), audit=audit)
 
 
 def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> ListenerConfig:

@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from . import keys
+from .audit import FAILURE, SUCCESS, AuditTrail, Checkpointer
 from .channels.config import ChannelConfig, load_channels
 from .channels.directory import DirectorySource
 from .channels.runtime import ChannelRuntime
@@ -54,6 +55,8 @@ class Engine(service.MultiService):
         self.reactor = reactor
         self.store: Store | None = None
         self.keys: keys.Keys | None = None
+        self.audit: AuditTrail | None = None
+        self.checkpoints: Checkpointer | None = None
         self.committer: GroupCommitter | None = None
         self.runtime: ChannelRuntime | None = None
         self.listeners: dict[str, ListenerService] = {}
@@ -72,8 +75,13 @@ class Engine(service.MultiService):
         self.channels, mappings = load_channel_set(config)
         self.keys, created = keys.load_or_create(config.keys_file)
         prepare_sqlite_file(config.store.url)
-        self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window)
+        self.audit = AuditTrail(self.keys.audit, config.node)
+        self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window,
+                           audit=self.audit)
         self.store.check_schema()
+        self.audit.record("config.loaded", actor=self.audit.actor, object_type="config",
+                          object_id=config.path, source=self.audit.source,
+                          detail={"channels": [c.name for c in self.channels]})
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
         self.committer.start()
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets)
@@ -87,6 +95,10 @@ class Engine(service.MultiService):
             self.committer.stop()
             raise
         self.runtime.start()
+        self._audit_start()
+        self.checkpoints = Checkpointer(self.audit, config.audit.checkpoint_file,
+                                        config.audit.checkpoint_interval, self.reactor)
+        self.checkpoints.start()
         self._write_pid()
         if created:
             log.info("created the key file {path} (mode 0600); back it up apart from the store",
@@ -94,6 +106,20 @@ class Engine(service.MultiService):
         log.info("engine started: {listeners} listener(s), {channels} channel(s), store {kind}",
                  listeners=len(self.listeners), channels=len(self.channels),
                  kind=config.store.url.split(":")[0])
+
+    def _audit_start(self):
+        """Record the start once every port is bound (blocking: the reactor is not running yet)."""
+        config, audit = self.config, self.audit
+        audit.record("engine.started", actor=audit.actor, object_type="engine", object_id=config.node,
+                     source=audit.source, detail={"pid": os.getpid()})
+
+    def _audit_reload(self, ok: bool, error: str | None = None):
+        audit = self.audit
+        d = threads.deferToThread(
+            audit.record, "config.reloaded", actor=audit.actor, object_type="config",
+            object_id=self.config.path, source=audit.source, outcome=SUCCESS if ok else FAILURE,
+            detail={"error": error[:500]} if error else {"channels": [c.name for c in self.channels]})
+        d.addErrback(lambda f: log.error("could not audit the reload: {error}", error=f.getErrorMessage()))
 
     def _listener_configs(self, channels: list[ChannelConfig]) -> dict[str, tuple[ListenerConfig, list]]:
         wanted = {listener.name: (listener, []) for listener in self.config.listeners}
@@ -143,15 +169,18 @@ class Engine(service.MultiService):
             channels, mappings = load_channel_set(self.config)
         except (ConfigError, OSError) as e:
             log.error("reload refused, the running channels stay: {error}", error=str(e))
+            self._audit_reload(False, str(e))
             return False
         try:
             self._arrange(channels)
             self.runtime.reload(channels, mappings)
         except Exception as e:  # e.g. a port now taken: what could be applied stays applied
             log.error("reload applied in part: {error}; fix it and reload again", error=str(e) or type(e).__name__)
+            self._audit_reload(False, str(e) or type(e).__name__)
             return False
         self.channels = channels
         log.info("reloaded: {count} channel(s)", count=len(channels))
+        self._audit_reload(True)
         return True
 
     def _write_pid(self):
@@ -194,6 +223,15 @@ class Engine(service.MultiService):
             counts = dict(svc.factory.ingest.counts) | dict(svc.factory.counts)
             log.info("listener {name}: {counts}", name=svc.factory.config.name,
                      counts=", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "idle")
+        if self.checkpoints is not None:
+            audit = self.audit
+            try:
+                yield threads.deferToThread(audit.record, "engine.stopped", actor=audit.actor,
+                                            object_type="engine", object_id=self.config.node,
+                                            source=audit.source, detail={"pid": os.getpid()})
+                yield self.checkpoints.stop()
+            except Exception as e:  # the store may be what failed; stopping goes on
+                log.error("could not audit the stop or write the checkpoint: {error}", error=str(e))
         if self.store is not None:
             self.store.close()
         try:

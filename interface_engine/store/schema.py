@@ -39,6 +39,7 @@ messages = Table(
            comment="identical copies received later and answered from this row"),
     Column("channel", String(64), comment="the channel that took it; NULL: stored only"),
     Column("filter_reason", Text(), comment="the rule that filtered it out"),
+    Column("correlation_id", String(32), comment="follows the message through the audit trail"),
     Index("ix_messages_control_id", "control_id", "sending_application", "sending_facility"),
     Index("ix_messages_received_at", "received_at"),
     Index("ix_messages_state", "state"),
@@ -77,4 +78,34 @@ attempts = Table(
     Column("error", Text()),
     Column("response", LargeBinary()),
     Index("ix_attempts_delivery", "delivery_id"),
+)
+
+# -- audit trail (interface_engine/audit.py writes and verifies these) ------------------
+
+#: Append-only events, one HMAC chain per engine node: each row's mac covers the
+#: previous row's mac and this row's fields, so an edit cannot be re-sealed without the key.
+audit_events = Table(
+    "audit_events", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("chain", String(64), nullable=False, comment="the engine node that wrote it"),
+    Column("seq", BigInteger(), nullable=False, comment="1, 2, 3... within the chain"),
+    Column("at", DateTime(), nullable=False, comment="UTC"),
+    Column("actor", String(128), nullable=False, comment="user or service"),
+    Column("action", String(64), nullable=False),
+    Column("object_type", String(32), nullable=False),
+    Column("object_id", String(128), nullable=False),
+    Column("source", String(255), nullable=False, comment="from where: peer address, cli@host"),
+    Column("outcome", String(16), nullable=False),
+    Column("correlation_id", String(32)),
+    Column("detail", Text(), comment="small JSON; never message content"),
+    Column("mac", String(64), nullable=False),
+    Index("ux_audit_events_chain_seq", "chain", "seq", unique=True),
+)
+
+#: Each chain's last seq and mac; its row is the lock that serialises a chain's writers.
+audit_heads = Table(
+    "audit_heads", metadata,
+    Column("chain", String(64), primary_key=True),
+    Column("seq", BigInteger(), nullable=False),
+    Column("mac", String(64), nullable=False),
 )

@@ -7,6 +7,7 @@ the group committer's single writer thread; the CLI calls it straight away.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -47,6 +48,8 @@ class Incoming:
     error: str | None = None
     #: builds the AE for a message whose control id is already stored with other content
     conflict_ack: Callable[[], bytes] | None = None
+    #: follows the message through the audit trail, across channels and destinations
+    correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     sha256: str = field(init=False)
 
     def __post_init__(self):
@@ -151,8 +154,10 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 
 class Store:
-    def __init__(self, url: str, *, duplicate_window: float = 86400.0):
+    def __init__(self, url: str, *, duplicate_window: float = 86400.0, audit=None):
         self.url = url
+        #: an audit.AuditTrail: each write method records its events in the transaction of its change
+        self.audit = audit
         self.duplicate_window = timedelta(seconds=duplicate_window)
         try:
             self.engine = create_engine(url)
@@ -166,6 +171,8 @@ class Store:
         dialect = self.engine.dialect
         self._datetime = messages.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
         self._write_conn: sa.Connection | None = None
+        if audit is not None:
+            audit.bind(self.engine)
 
     def close(self):
         if self._write_conn is not None:
@@ -275,6 +282,8 @@ class Store:
                     update(messages).where(messages.c.id == sa.bindparam("mid"))
                     .values(duplicates=messages.c.duplicates + sa.bindparam("n")),
                     [{"mid": k, "n": v} for k, v in counts.items()])
+            if self.audit:
+                self.audit.stored(conn, batch, outcomes, now)
         return outcomes
 
     def _writer(self) -> sa.Connection:
@@ -341,6 +350,8 @@ class Store:
             if rows:
                 conn.execute(insert(deliveries), rows)
             self._settle(conn, [p.message_id for p in moving if not p.filter_reason])
+            if self.audit and moving:
+                self.audit.processed(conn, moving, now)
         return done
 
     def queue(self, requests: list[tuple[str, str, int]]) -> list[list[QueuedDelivery]]:
@@ -376,6 +387,8 @@ class Store:
             if replace:
                 conn.execute(_RECORD_ATTEMPT_OUTPUT, replace)
             self._settle(conn, sorted({a.message_id for a in batch}))
+            if self.audit:
+                self.audit.attempted(conn, batch, now)
         return [None] * len(batch)
 
     def _settle(self, conn, message_ids: list[int]):
@@ -489,6 +502,7 @@ def _row(item: Incoming, now: datetime) -> dict:
         "control_id": item.control_id[:199], "version": item.version[:16],
         "size": len(item.raw), "sha256": item.sha256, "raw": item.raw, "ack": item.ack,
         "duplicates": 0, "channel": item.channel, "filter_reason": None,
+        "correlation_id": item.correlation_id,
     }
 
 
