@@ -185,6 +185,8 @@ def channel_engine(variant: str, workdir: Path, receiver_port: int):
         "[engine]\n"
         'log_level = "warn"\n'
         f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
+        f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
+        f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n"
         "[store]\n"
         f"url = {toml_string(f'sqlite:///{store}')}\n"
         "[channels]\n"

@@ -113,6 +113,7 @@ def fhir_engine(workdir: Path, base: str):
         '[engine]\nlog_level = "warn"\n'
         f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
         f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
+        f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n"
         f"[store]\nurl = {toml_string(f'sqlite:///{store}')}\n"
         f"[channels]\ndirectory = {toml_string(str(channels))}\n"
         f"mappings = {toml_string(str(REPO / 'mappings'))}\n")

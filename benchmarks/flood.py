@@ -39,6 +39,7 @@ def engine_config(workdir: Path, port: int, cap: int) -> Path:
         '[engine]\nlog_level = "warn"\n'
         f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
         f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
+        f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n"
         f"[store]\nurl = {toml_string('sqlite:///' + str(workdir / 'store.db'))}\n"
         f"[channels]\ndirectory = {toml_string(str(workdir / 'no-channels'))}\n"
         f'[[listeners]]\nname = "flood"\nhost = "{HOST}"\nport = {port}\n'

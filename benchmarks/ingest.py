@@ -394,12 +394,21 @@ def toml_string(value: str) -> str:
 def engine(name: str, store_url: str, workdir: Path):
     """Run the engine with the least config that exercises durable ingest."""
     port = free_port()
+    channels = workdir / "no-channels"
+    channels.mkdir(exist_ok=True)
     config = workdir / "engine.toml"
     config.write_text(
         "[engine]\n"
         'log_level = "warn"\n'
+        f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
+        f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n"
         "[store]\n"
         f"url = {toml_string(store_url)}\n"
+        # No channels: the benchmark measures ingest alone, and runs from the repository
+        # root, whose sample channels name listeners this config does not have.
+        "[channels]\n"
+        f"directory = {toml_string(str(channels))}\n"
+        f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
         "[[listeners]]\n"
         'name = "bench"\n'
         f"host = {toml_string(HOST)}\n"
