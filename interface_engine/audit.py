@@ -233,6 +233,45 @@ class AuditTrail:
                 yield row._asdict()
 
 
+class RefusalAudit:
+    """`auth.failed` events for peers refused at the door (TLS handshake, allow-list).
+
+    One event per (listener, peer, reason) per `window` seconds, carrying how many
+    refusals it stands for: a flood of bad handshakes must not become a flood of
+    database writes. Called in the reactor; the write goes to a thread.
+    """
+
+    def __init__(self, trail: AuditTrail, reactor, window: float = 60.0):
+        self.trail, self.reactor, self.window = trail, reactor, window
+        self._open: dict[tuple[str, str, str], int] = {}
+
+    def __call__(self, listener: str, peer: str, why: str):
+        key = (listener, peer, why)
+        if key in self._open:
+            self._open[key] += 1
+            return
+        self._open[key] = 0
+        self._write(key, 1)
+        self.reactor.callLater(self.window, self._close, key)
+
+    def _close(self, key):
+        more = self._open.pop(key, 0)
+        if more:
+            self._write(key, more)
+
+    def _write(self, key, count: int):
+        from twisted.internet import threads
+        from twisted.logger import Logger
+
+        listener, peer, why = key
+        d = threads.deferToThread(
+            self.trail.record, "auth.failed",
+            actor="unknown", object_type="listener", object_id=listener, source=peer,
+            outcome=FAILURE, detail={"reason": why, "count": count})
+        d.addErrback(lambda f: Logger().error("could not audit a refused connection: {error}",
+                                              error=f.getErrorMessage()))
+
+
 # -- checkpoint -------------------------------------------------------------------------
 
 class CheckpointError(Exception):

@@ -23,7 +23,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from . import keys
-from .audit import FAILURE, SUCCESS, AuditTrail, Checkpointer
+from .audit import FAILURE, SUCCESS, AuditTrail, Checkpointer, RefusalAudit
 from .channels.config import ChannelConfig, load_channels
 from .channels.directory import DirectorySource
 from .channels.runtime import ChannelRuntime
@@ -76,6 +76,7 @@ class Engine(service.MultiService):
         self.keys, created = keys.load_or_create(config.keys_file)
         prepare_sqlite_file(config.store.url)
         self.audit = AuditTrail(self.keys.audit, config.node)
+        self.refusals = RefusalAudit(self.audit, self.reactor)
         self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window,
                            audit=self.audit)
         self.store.check_schema()
@@ -148,6 +149,7 @@ class Engine(service.MultiService):
                 continue
             ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, routes)
             factory = MLLPListenerFactory(listener, ingest, self.committer, self.config.store.max_backlog)
+            factory.refused = self.refusals
             svc = ListenerService(factory, self.reactor)
             self.listeners[name] = svc
             svc.setServiceParent(self)

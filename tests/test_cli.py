@@ -114,8 +114,9 @@ def test_port_in_use_is_one_line(engine_factory, tmp_path):
 
 def test_unreachable_postgres_is_one_line(tmp_path):
     config = tmp_path / "pg.toml"
-    config.write_text('[store]\nurl = "postgresql+psycopg://nobody:secret@127.0.0.1:1/none"\n'
-                      '[[listeners]]\nport = 0\n')
+    (tmp_path / "pw").write_text("secret\n")
+    config.write_text('[store]\nurl = "postgresql+psycopg://nobody@127.0.0.1:1/none"\n'
+                      f'password = "file:{tmp_path / "pw"}"\n[[listeners]]\nport = 0\n')
     result = cli("run", "--config", config)
     assert_one_line_error(result, "cannot connect to the store")
     assert "secret" not in result.stderr

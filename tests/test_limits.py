@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
+
+import sqlalchemy as sa
 
 import pytest
 
@@ -76,6 +79,19 @@ def test_a_peer_not_on_the_allow_list_is_closed_on_accept(engine_factory):
     allowed.close()
     assert "refused connection from 127.0.0.1: not on the allowed_peers of listener test" in engine.log()
     assert "NOT-ALLOWED" not in engine.log()
+    store = Store(engine.store_url)
+    query = sa.text("SELECT object_id, source, detail FROM audit_events WHERE action = 'auth.failed'")
+    deadline = time.monotonic() + 5
+    while True:
+        with store.engine.connect() as conn:
+            events = conn.execute(query).all()
+        if events:
+            break
+        assert time.monotonic() < deadline, "no auth.failed event"
+        time.sleep(0.05)
+    assert [tuple(e[:2]) for e in events] == [("test", "127.0.0.1")]
+    assert "address not on allowed_peers" in events[0][2]
+    store.close()
 
 
 @pytest.mark.parametrize("value, error", [

@@ -94,6 +94,13 @@ def try_hl7(conn) -> bytes:
         conn.close()
 
 
+def refusals(engine) -> list[tuple]:
+    """The auth.failed events of the engine's audit trail: (listener, peer, detail)."""
+    with sqlite3.connect(engine.store_url.removeprefix("sqlite:///")) as db:
+        return db.execute("SELECT object_id, source, detail FROM audit_events "
+                          "WHERE action = 'auth.failed' ORDER BY id").fetchall()
+
+
 def wait_for_log(engine, text: str, timeout: float = 5.0):
     deadline = time.monotonic() + timeout
     while text not in engine.log():
@@ -137,6 +144,29 @@ def test_each_bad_client_is_refused_before_any_hl7_is_read(mtls_engine, pki, cli
     assert "refused TLS connection from 127.0.0.1 on test" in mtls_engine.log()
     assert stored(mtls_engine) == 0
     assert "TLS-REFUSED" not in mtls_engine.log()
+    wait_until(lambda: refusals(mtls_engine), "the refusal in the audit trail")
+    [(listener, peer, detail)] = refusals(mtls_engine)
+    assert (listener, peer) == ("test", "127.0.0.1")
+    if client != "wrong_key":
+        assert reason in detail
+
+
+def wait_until(condition, what: str, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_burst_of_refusals_is_one_audit_event(mtls_engine, pki):
+    for _ in range(5):
+        try_hl7(openssl_client(mtls_engine.port, ca=pki["ca"].cert))
+    wait_for_log(mtls_engine, "peer did not return a certificate")
+    wait_until(lambda: mtls_engine.log().count("refused TLS connection") == 5, "five refusals logged")
+    wait_until(lambda: refusals(mtls_engine), "the refusal in the audit trail")
+    time.sleep(0.3)
+    assert len(refusals(mtls_engine)) == 1  # the other four are counted when the minute is over
 
 
 def test_a_subject_allowed_by_its_full_name_is_served(mtls_engine, pki):

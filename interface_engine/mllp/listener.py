@@ -178,6 +178,7 @@ class MLLPListenerFactory(protocol.Factory):
             self.counts["refused_not_allowed"] += 1
             log.warn("refused connection from {peer}: not on the allowed_peers of listener {name}",
                      peer=host, name=self.config.name)
+            self.refused(self.config.name, host, "address not on allowed_peers")
             return None
         if len(self.connections) >= self.config.max_connections:
             self.counts["refused_total_cap"] += 1
@@ -214,6 +215,11 @@ class MLLPListenerFactory(protocol.Factory):
         self.counts["tls_refused"] += 1
         log.warn("refused TLS connection from {peer} on {name}: {why}", peer=peer,
                  name=self.config.name, why=why)
+        self.refused(self.config.name, peer, why)
+
+    @staticmethod
+    def refused(listener: str, peer: str, why: str):
+        """Told of every peer refused for who it is (TLS, allow-list); the engine audits it."""
 
     def checkBacklog(self):
         """Stop reading from every connection while the store is behind, so memory stays bounded."""
