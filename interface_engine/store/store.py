@@ -488,7 +488,7 @@ def _row(item: Incoming, now: datetime) -> dict:
         "message_type": item.message_type[:16], "trigger_event": item.trigger_event[:16],
         "control_id": item.control_id[:199], "version": item.version[:16],
         "size": len(item.raw), "sha256": item.sha256, "raw": item.raw, "ack": item.ack,
-        "duplicates": 0, "channel": item.channel, "filter_reason": None,
+        "duplicates": 0, "channel": item.channel, "filter_reason": None, "content_removed_at": None,
     }
 
 
