@@ -30,6 +30,7 @@ from .channels.templating import Mappings
 from .config import ConfigError, EngineConfig, ListenerConfig, prepare_sqlite_file
 from .ingest import Ingest
 from .mllp.listener import ListenerService, MLLPListenerFactory
+from .retention import RetentionService
 from .store import GroupCommitter, Store
 
 log = Logger()
@@ -59,6 +60,7 @@ class Engine(service.MultiService):
         self.listeners: dict[str, ListenerService] = {}
         self.sources: dict[str, DirectorySource] = {}
         self.channels: list[ChannelConfig] = []
+        self.retention: RetentionService | None = None
 
     @property
     def charsets(self) -> dict:
@@ -77,6 +79,9 @@ class Engine(service.MultiService):
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
         self.committer.start()
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets)
+        if config.retention.schedule and config.retention.rules:
+            self.retention = RetentionService(self.store, config.retention, self.reactor)
+            self.retention.setServiceParent(self)
         try:
             self._arrange(self.channels)
             super().startService()
@@ -194,6 +199,8 @@ class Engine(service.MultiService):
             counts = dict(svc.factory.ingest.counts) | dict(svc.factory.counts)
             log.info("listener {name}: {counts}", name=svc.factory.config.name,
                      counts=", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "idle")
+        if self.retention is not None:
+            yield self.retention.stopService()  # ends after its batch in flight
         if self.store is not None:
             self.store.close()
         try:
