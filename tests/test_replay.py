@@ -145,7 +145,7 @@ def test_everything_a_listing_selects_is_replayed_through_stdin(engine):
     ids = sent(engine, "S1", "S2", "S3")
     listed = cli("messages", "list", "--json", "--config", engine.engine.config_path)
     result = subprocess.run([sys.executable, "-m", "interface_engine", "replay", "--ids-from", "-",
-                             "--destination", "archive-b", "--rate", "50",
+                             "--destination", "archive-b", "--rate", "10",
                              "--config", str(engine.engine.config_path)],
                             input=listed.stdout, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -154,6 +154,8 @@ def test_everything_a_listing_selects_is_replayed_through_stdin(engine):
                 what="the replay sent")
     record = get_replay(engine.store, 1)
     assert record["selection"] == f"3 message(s): {ids[0]}-{ids[2]} (from stdin)"
+    queued = sorted(d["created_at"] for i in ids for d in engine.store.deliveries_of(i) if d["replay_id"])
+    assert (queued[-1] - record["at"]).total_seconds() >= 0.2   # --rate 10: the third at 0.2 s
 
 
 def test_a_bad_selection_is_one_line_and_changes_nothing(engine, tmp_path):
