@@ -351,4 +351,6 @@ def read_retention(section: Section) -> RetentionConfig:
         r.done()
         rules.append(RetentionRule(channel, states, content_after, delete_after))
     section.done()
+    if schedule is not None and not rules:
+        section.fail("schedule", "a schedule needs [[retention.rules]] to apply (add rules, or remove it)")
     return RetentionConfig(schedule, batch, tuple(rules))

@@ -79,7 +79,7 @@ class Engine(service.MultiService):
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
         self.committer.start()
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets)
-        if config.retention.schedule and config.retention.rules:
+        if config.retention.schedule:
             self.retention = RetentionService(self.store, config.retention, self.reactor)
             self.retention.setServiceParent(self)
         try:

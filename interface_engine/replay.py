@@ -126,6 +126,9 @@ class Replay:
     def shares(self, message_id: int, channel: ChannelConfig) -> list[Share]:
         """What each destination asked for would get now; never writes."""
         row = self.store.get_message(message_id)
+        if row is None:  # deleted by retention since it was selected
+            return [Share(self.destinations[0] if self.destinations else channel.destinations[0].name,
+                          error="it was deleted (by retention) since the replay began")]
         earlier = self.store.deliveries_of(message_id)
         wanted = [d for d in channel.destinations if not self.destinations or d.name in self.destinations]
         msg, problem = None, None

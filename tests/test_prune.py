@@ -159,8 +159,10 @@ def test_the_config_names_what_is_wrong(tmp_path):
     config.write_text('[retention]\n[[retention.rules]]\nstates = ["sent", "gone"]\ndelete_after = "1d"\n')
     assert_one_line_error(cli("db", "prune", "--config", config),
                           "engine.toml: retention.rules[0].states: expected states among", "'gone'")
-    config.write_text('[retention]\nschedule = "1h"\n')
+    config.write_text('[retention]\nbatch = 10\n')
     assert_one_line_error(cli("db", "prune", "--config", config), "no [[retention.rules]]")
+    config.write_text('[retention]\nschedule = "1h"\n')
+    assert_one_line_error(cli("db", "prune", "--config", config), "retention.schedule: a schedule needs")
 
 
 def test_scheduled_prune_while_ingest_goes_on(store_url, engine_factory):

@@ -6,10 +6,14 @@ import subprocess
 import sys
 import uuid
 
+from datetime import timedelta
+
 import pytest
+import sqlalchemy as sa
 
 from interface_engine.store import Store
 from interface_engine.store.replay import get_replay
+from interface_engine.store.schema import messages
 from tests.fhir.test_fhir_e2e import ROOT as PROJECT, patients, search, send, settled
 from tests.messages import adt_a01, oru_r01
 from tests.receiver import Receiver
@@ -45,13 +49,16 @@ template = "hl7/forward.hl7.j2"
 
 
 @pytest.fixture
-def engine(tmp_path, engine_factory):
+def engine(tmp_path, engine_factory, store_url):
     setup = Setup(tmp_path, engine_factory)
     with Receiver() as downstream:
         setup.downstream = downstream
         setup.channel("adt", three_destinations(downstream.port, tmp_path))
-        setup.start()
+        extra = f'[channels]\ndirectory = "{setup.channels}"\nmappings = "{setup.mappings}"\n'
+        setup.engine = engine_factory(store_url=store_url, extra=extra)
+        setup.store = Store(store_url)
         yield setup
+        setup.store.close()
 
 
 def sent(setup, *control_ids) -> list[int]:
@@ -94,6 +101,8 @@ def test_replay_to_one_named_destination_of_three_touches_only_that_one(engine, 
     assert len(new) == 1 and new[0]["destination"] == "downstream" and new[0]["state"] == "sent"
     assert new[0]["replay_of"] == next(d["id"] for d in before if d["destination"] == "downstream")
     assert [a["outcome"] for a in new[0]["attempt_log"]] == ["sent"]
+    # an idle queue is read again within a second: the replay did not wait for other traffic
+    assert (new[0]["attempt_log"][0]["started_at"] - new[0]["created_at"]).total_seconds() < 1.5
     record = get_replay(engine.store, new[0]["replay_id"])
     assert (record["actor"], record["mapping"], record["destinations"]) == \
         (getpass.getuser(), "current", "downstream")
@@ -225,3 +234,25 @@ timeout = "10s"
     replayed = [d for i in ids for d in engine.store.deliveries_of(int(i)) if d["replay_id"]]
     assert len(replayed) == 4 and all(d["state"] == "sent" for d in replayed)
     assert all(json.loads(d["output"])["type"] == "transaction" for d in replayed)
+
+
+def test_a_message_deleted_while_a_replay_runs_is_reported(engine):
+    from interface_engine import config as config_module
+    from interface_engine.config import RetentionRule
+    from interface_engine.engine import load_channel_set
+    from interface_engine.replay import Replay
+    from interface_engine.store.retention import prune
+
+    kept, gone = sent(engine, "G1", "G2")
+    config = config_module.load(engine.engine.config_path)
+    job = Replay(engine.store, *load_channel_set(config), {}, destinations=("archive-a",))
+    selected = job.select([kept, gone])
+    with engine.store.engine.begin() as conn:  # make G2 the only one old enough
+        conn.execute(sa.update(messages).where(messages.c.id == gone)
+                     .values(received_at=messages.c.received_at - timedelta(days=2)))
+    assert prune(engine.store, [RetentionRule("*", ("sent",), None, 86400.0)])
+    job.begin("test")
+    for message_id, channel in selected:
+        job.replay(message_id, channel)
+    assert job.tally.errors == [f"message {gone}: it was deleted (by retention) since the replay began"]
+    assert (job.record.messages, job.record.deliveries) == (1, 1)
