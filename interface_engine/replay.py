@@ -171,7 +171,7 @@ class Replay:
     # -- doing it -------------------------------------------------------------------
 
     def begin(self, selection: str) -> ReplayRecord:
-        self.record = ReplayRecord(at=utcnow(), actor=_actor(), source=socket.gethostname(),
+        self.record = ReplayRecord(at=utcnow(), actor=_actor()[:64], source=socket.gethostname()[:255],
                                    selection=selection, mapping=self.mapping,
                                    destinations=self.destinations or None)
         self.replay_id = begin_replay(self.store, self.record)

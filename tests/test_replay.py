@@ -221,10 +221,13 @@ timeout = "10s"
     def resources():
         (patient,) = patients(engine, mrn)
         subject = f"subject=Patient/{patient['id']}"
-        return {kind: sorted(e["resource"]["id"] for e in search(engine, f"{kind}?{subject}").get("entry", []))
-                for kind in ("Observation", "DiagnosticReport")} | {"Patient": [patient["id"]]}
+        found = {kind: sorted(e["resource"]["id"] for e in search(engine, f"{kind}?{subject}").get("entry", []))
+                 for kind in ("Observation", "DiagnosticReport")} | {"Patient": [patient["id"]]}
+        provenance = search(engine, f"Provenance?target=Patient/{patient['id']}").get("entry", [])
+        return found | {"Provenance": sorted(e["resource"]["id"] for e in provenance)}
     first = resources()
     assert len(first["Observation"]) == 2 and len(first["DiagnosticReport"]) == 1
+    assert len(first["Provenance"]) == 2   # one per source message
     ids = [str(m["id"]) for m in engine.store.list_messages()]
     for mapping in ("current", "original"):
         result = cli("replay", *ids, "--mapping", mapping, "--config", engine.config_path)
