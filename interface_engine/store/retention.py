@@ -8,18 +8,23 @@ that references messages (or deliveries) is cleaned with them without changes he
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
 
 import sqlalchemy as sa
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import or_, select, update
 
 from .schema import PENDING_STATES, attempts, deliveries, messages, metadata
 
 CONTENT, DELETE = "content", "delete"
+#: Between two batches on SQLite the write lock is left free this long. A writer that
+#: found it taken polls again at most 100 ms later (SQLite's busy handler); without a gap
+#: the next batch could take the lock first, again and again, and starve ingest.
+SQLITE_PAUSE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,19 +65,15 @@ def prune(store, rules, *, batch: int = 500, now: datetime | None = None, dry_ru
         for kind, after in ((DELETE, rule.delete_after), (CONTENT, rule.content_after)):
             if after is None:
                 continue
-            where = _selected(rule, kind, now)
-            if dry_run:
-                with store._connect() as conn:
-                    for channel, n in conn.execute(select(messages.c.channel, func.count())
-                                                   .where(where).group_by(messages.c.channel)):
-                        counts[(channel, rule.state, kind)] += n
-                continue
+            where, after_id = _selected(rule, kind, now), 0
             while not stopping():
-                done = _batch(store, where, kind, batch, now)
-                for channel in done:
+                after_id, taken = _batch(store, rule, where, kind, batch, now, after_id, dry_run)
+                for channel in taken:
                     counts[(channel, rule.state, kind)] += 1
-                if len(done) < batch:
+                if after_id is None:
                     break
+                if store._sqlite and not dry_run:
+                    time.sleep(SQLITE_PAUSE)
     return counts
 
 
@@ -84,10 +85,6 @@ def _selected(rule: Rule, kind: str, now: datetime):
         conditions.append(m.channel == rule.channel)
     elif rule.others:
         conditions.append(or_(m.channel.is_(None), m.channel.not_in(rule.others)))
-    protecting = [s for s in PENDING_STATES if s not in rule.named_states]
-    if protecting:  # a delivery still to be made keeps its message, unless the rule names its state
-        conditions.append(~exists().where(deliveries.c.message_id == m.id,
-                                          deliveries.c.state.in_(protecting)))
     if kind == CONTENT:
         conditions.append(m.content_removed_at.is_(None))
         if rule.delete_after is not None:  # those are deleted instead
@@ -95,21 +92,39 @@ def _selected(rule: Rule, kind: str, now: datetime):
     return sa.and_(*conditions)
 
 
-def _batch(store, where, kind: str, size: int, now: datetime) -> list[str | None]:
-    """One transaction: up to `size` selected messages deleted or emptied; returns their channels."""
-    with store._connect() as conn, _writing(conn):
-        query = select(messages.c.id, messages.c.channel).where(where).order_by(messages.c.id).limit(size)
-        if conn.dialect.name != "sqlite":
-            # Rows the ingest writer holds are left for the next run rather than waited for.
+def _batch(store, rule: Rule, where, kind: str, size: int, now: datetime, after_id: int,
+           dry_run: bool) -> tuple[int | None, list[str | None]]:
+    """One transaction: the next `size` selected messages by id, those without a delivery
+    still to be made (unless the rule names its state) deleted or emptied.
+
+    Returns the last id looked at (None: no more) and the channels of those taken. The
+    pending check is one query per batch rather than a probe per message, whose plan
+    degrades badly while the queue index is full of rows that just left it.
+    """
+    with store._connect() as conn, (nullcontext() if dry_run else _writing(conn)):
+        query = (select(messages.c.id, messages.c.channel).where(where, messages.c.id > after_id)
+                 .order_by(messages.c.id).limit(size))
+        if conn.dialect.name != "sqlite" and not dry_run:
+            # Rows the ingest writer holds are left for the next run rather than waited for;
+            # a replay cannot add a delivery to a locked message until this commits.
             query = query.with_for_update(of=messages, skip_locked=True)
         rows = conn.execute(query).all()
-        ids = [r[0] for r in rows]
-        if ids:
+        if not rows:
+            return None, []
+        protecting = [s for s in PENDING_STATES if s not in rule.named_states]
+        kept = set()
+        if protecting:
+            kept = set(conn.execute(select(deliveries.c.message_id).where(
+                deliveries.c.message_id.in_([r[0] for r in rows]),
+                deliveries.c.state.in_(protecting))).scalars())
+        taken = [r for r in rows if r[0] not in kept]
+        ids = [r[0] for r in taken]
+        if ids and not dry_run:
             if kind == DELETE:
                 _delete(conn, messages, messages.c.id.in_(ids))
             else:
                 _remove_contents(conn, ids, now)
-    return [r[1] for r in rows]
+    return (rows[-1][0] if len(rows) == size else None), [r[1] for r in taken]
 
 
 @contextmanager

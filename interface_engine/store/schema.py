@@ -99,3 +99,7 @@ replays = Table(
     Column("messages", Integer(), nullable=False, default=0),
     Column("deliveries", Integer(), nullable=False, default=0),
 )
+
+# What the foreign key check reads when a delivery is deleted; only replayed rows are in it.
+_REPLAYED = text("replay_of IS NOT NULL")
+Index("ix_deliveries_replay_of", deliveries.c.replay_of, sqlite_where=_REPLAYED, postgresql_where=_REPLAYED)

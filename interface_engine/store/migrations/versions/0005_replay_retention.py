@@ -13,6 +13,7 @@ branch_labels = None
 depends_on = None
 
 _Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_REPLAYED = sa.text("replay_of IS NOT NULL")
 
 
 def upgrade():
@@ -34,6 +35,9 @@ def upgrade():
         batch.add_column(sa.Column("replay_id", _Id, comment="the replay that queued it"))
         batch.create_foreign_key("fk_deliveries_replay_of", "deliveries", ["replay_of"], ["id"])
         batch.create_foreign_key("fk_deliveries_replay_id", "replays", ["replay_id"], ["id"])
+    # Deleting a delivery checks that no replay points at it: without this, a scan each.
+    op.create_index("ix_deliveries_replay_of", "deliveries", ["replay_of"],
+                    sqlite_where=_REPLAYED, postgresql_where=_REPLAYED)
     with op.batch_alter_table("messages") as batch:
         batch.add_column(sa.Column("content_removed_at", sa.DateTime(),
                                    comment="UTC; retention removed raw, outputs, responses"))
@@ -42,6 +46,7 @@ def upgrade():
 def downgrade():
     with op.batch_alter_table("messages") as batch:
         batch.drop_column("content_removed_at")
+    op.drop_index("ix_deliveries_replay_of", "deliveries")
     with op.batch_alter_table("deliveries") as batch:
         batch.drop_constraint("fk_deliveries_replay_id", type_="foreignkey")
         batch.drop_constraint("fk_deliveries_replay_of", type_="foreignkey")
