@@ -417,7 +417,7 @@ def upgrade(config_path):
 
 @main.command()
 @click.argument("message_ids", nargs=-1, type=int)
-@click.option("--ids-from", "ids_from", type=click.File("r"),
+@click.option("--ids-from", "ids_from", type=click.Path(dir_okay=False, allow_dash=True),
               help="Read message ids from FILE (- for stdin): one per line, or JSON lines with an "
                    '"id", as `messages search --json` writes.')
 @click.option("--destination", "destinations", multiple=True, metavar="NAME",
@@ -442,8 +442,10 @@ def replay(message_ids, ids_from, destinations, mapping, dry_run, rate, config_p
     from .replay import Replay, ReplayError, read_ids
 
     try:
-        ids, selection = read_ids(message_ids, ids_from, ids_from and (
-            "stdin" if ids_from.name == "<stdin>" else ids_from.name))
+        lines = None
+        if ids_from:
+            lines = sys.stdin.readlines() if ids_from == "-" else Path(ids_from).read_text().splitlines()
+        ids, selection = read_ids(message_ids, lines, ids_from and ("stdin" if ids_from == "-" else ids_from))
         config = config_module.load(config_path)
         store = _open_store(config_path)
         channels, mappings = load_channel_set(config)

@@ -177,6 +177,7 @@ def test_a_bad_selection_is_one_line_and_changes_nothing(engine, tmp_path):
     ids = tmp_path / "ids.txt"
     ids.write_text(f"{message_id}\nnot an id\n")
     assert_one_line_error(replay(engine, "--ids-from", ids), "ids.txt line 2", '"id"')
+    assert_one_line_error(replay(engine, "--ids-from", tmp_path / "none.txt"), "none.txt: No such file")
     assert engine.store.count_deliveries() == deliveries
     assert get_replay(engine.store, 1) is None
 
