@@ -500,3 +500,89 @@ def audit_export(config_path, fmt, since, out):
     store.close()
     if out:
         click.echo(f"exported {count} audit event(s) to {out}")
+# -- replay and retention ---------------------------------------------------------------
+
+@main.command()
+@click.argument("message_ids", nargs=-1, type=int)
+@click.option("--ids-from", "ids_from", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read message ids from FILE (- for stdin): one per line, or JSON lines with an "
+                   '"id", as `messages search --json` writes.')
+@click.option("--destination", "destinations", multiple=True, metavar="NAME",
+              help="Only this destination of the message's channel (repeatable); default: all of them.")
+@click.option("--mapping", type=click.Choice(["current", "original"]), default="current", show_default=True,
+              help="current: render with the channel's config and mapping as they are now; "
+                   "original: send again the output stored on the earlier delivery.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would be sent, and how it differs from what was sent; change nothing.")
+@click.option("--rate", type=click.FloatRange(min=0.01), help="Queue at most this many messages per second.")
+@config_option
+@user_errors
+def replay(message_ids, ids_from, destinations, mapping, dry_run, rate, config_path):
+    """Send stored messages again, as new deliveries linked to the ones they repeat.
+
+    The new deliveries join their destinations' queues; the running engine sends them.
+    Every replay is recorded: who, which selection, how, how many.
+    """
+    import time
+
+    from .engine import load_channel_set
+    from .replay import Replay, ReplayError, read_ids
+
+    try:
+        lines = None
+        if ids_from:
+            lines = sys.stdin.readlines() if ids_from == "-" else Path(ids_from).read_text().splitlines()
+        ids, selection = read_ids(message_ids, lines, ids_from and ("stdin" if ids_from == "-" else ids_from))
+        config = config_module.load(config_path)
+        store = _open_store(config_path)
+        channels, mappings = load_channel_set(config)
+        charsets = {"default_charset": config.hl7.default_charset,
+                    "fallback_charset": config.hl7.fallback_charset}
+        job = Replay(store, channels, mappings, charsets, mapping, destinations)
+        selected = job.select(ids)
+    except ReplayError as e:
+        raise Failure(str(e)) from None
+    tally = job.tally
+    if dry_run:
+        for message_id, channel in selected:
+            for line in job.preview(message_id, channel):
+                click.echo(line)
+        click.echo(f"dry run: {tally.messages} message(s), {tally.queued} delivery(ies) would be queued, "
+                   f"{tally.filtered} filtered, {len(tally.errors)} error(s); nothing was changed")
+    else:
+        record = job.begin(selection)
+        started = time.monotonic()
+        with click.progressbar(selected, label="replaying", file=sys.stderr,
+                               show_pos=True) as progress:
+            for i, (message_id, channel) in enumerate(progress):
+                if rate:
+                    time.sleep(max(0.0, started + i / rate - time.monotonic()))
+                job.replay(message_id, channel)
+        for error in tally.errors:
+            click.echo(error, err=True)
+        click.echo(f"replay {job.replay_id}: {record.messages} message(s), {record.deliveries} "
+                   f"delivery(ies) queued, {tally.filtered} filtered, {len(tally.errors)} error(s)")
+    if tally.errors:
+        sys.exit(EXIT_FAILED)
+
+
+@db.command()
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; change nothing.")
+@config_option
+@user_errors
+def prune(dry_run, config_path):
+    """Apply the [retention] rules now: remove old contents and messages, in short batches.
+
+    Safe while the engine runs: each batch is its own short transaction.
+    """
+    from .retention import report
+    from .store.retention import prune as apply_rules
+
+    config = config_module.load(config_path)
+    if not config.retention.rules:
+        raise Failure(f"{config.path}: no [[retention.rules]]: nothing to prune "
+                      "(see docs/configuration.md, [retention])")
+    store = _open_store(config_path)
+    counts = apply_rules(store, config.retention.rules, batch=config.retention.batch, dry_run=dry_run)
+    for line in report(counts, dry_run):
+        click.echo(line)

@@ -84,6 +84,7 @@ class EngineConfig:
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     audit: AuditConfig = field(default_factory=AuditConfig)
+    retention: RetentionConfig = field(default_factory=lambda: RetentionConfig())
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -255,10 +256,11 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
         if any(other.name == listener.name for other in listeners):
             ls.fail("name", f"expected a unique listener name, {listener.name!r} is used twice")
         listeners.append(listener)
+    retention = read_retention(top.table("retention"))
     top.done()
     return EngineConfig(path=path, log_level=log_level, log_format=log_format, pid_file=pid_file,
                         node=node, keys_file=keys_file, store=store, hl7=hl7, channels=channels,
-                        listeners=tuple(listeners), audit=audit)
+                        listeners=tuple(listeners), audit=audit, retention=retention)
 
 
 def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> ListenerConfig:
@@ -358,3 +360,60 @@ def prepare_sqlite_file(url: str):
         return
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+# -- [retention] -------------------------------------------------------------------
+
+#: The message states a retention rule may name (the store's states).
+MESSAGE_STATES = ("received", "rejected", "filtered", "queued", "sent", "error", "dead")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRule:
+    channel: str                    # a channel name, or "*" for every channel without its own rule
+    states: tuple[str, ...]
+    content_after: float | None     # seconds after receipt
+    delete_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    schedule: float | None = None   # None: only `interface-engine db prune`
+    batch: int = 500
+    rules: tuple[RetentionRule, ...] = ()
+
+
+def read_retention(section: Section) -> RetentionConfig:
+    schedule = section.duration("schedule", None) if "schedule" in section.data else None
+    batch = section.int("batch", RetentionConfig().batch, 1, 100_000)
+    section.used.add("rules")
+    raw_rules = section.data.get("rules", [])
+    if not isinstance(raw_rules, list):
+        section.fail("rules", "expected an array of tables ([[retention.rules]])")
+    rules, claimed = [], {}
+    for i, item in enumerate(raw_rules):
+        r = Section(section.path, f"{section.prefix}.rules[{i}]", item)
+        channel = r.str("channel", "*")
+        if "states" not in r.data:
+            r.fail("states", f"required key is missing (a list of {', '.join(MESSAGE_STATES)})")
+        states = tuple(r.strings("states", None))
+        for state in states:
+            if state not in MESSAGE_STATES:
+                r.fail("states", f"expected states among {', '.join(MESSAGE_STATES)}, got {state!r}")
+            if (channel, state) in claimed:
+                r.fail("states", f"channel {channel!r} state {state!r} is already covered by "
+                                 f"retention.rules[{claimed[channel, state]}]")
+            claimed[channel, state] = i
+        content_after = r.duration("content_after", None) if "content_after" in r.data else None
+        delete_after = r.duration("delete_after", None) if "delete_after" in r.data else None
+        if content_after is None and delete_after is None:
+            r.fail("", "expected content_after, delete_after or both")
+        if content_after is not None and delete_after is not None and content_after >= delete_after:
+            r.fail("content_after", "expected a duration shorter than delete_after "
+                                    "(contents go first, the rows later)")
+        r.done()
+        rules.append(RetentionRule(channel, states, content_after, delete_after))
+    section.done()
+    if schedule is not None and not rules:
+        section.fail("schedule", "a schedule needs [[retention.rules]] to apply (add rules, or remove it)")
+    return RetentionConfig(schedule, batch, tuple(rules))

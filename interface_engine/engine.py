@@ -31,6 +31,7 @@ from .channels.templating import Mappings
 from .config import ConfigError, EngineConfig, ListenerConfig, prepare_sqlite_file
 from .ingest import Ingest
 from .mllp.listener import ListenerService, MLLPListenerFactory
+from .retention import RetentionService
 from .store import GroupCommitter, Store
 
 log = Logger()
@@ -62,6 +63,7 @@ class Engine(service.MultiService):
         self.listeners: dict[str, ListenerService] = {}
         self.sources: dict[str, DirectorySource] = {}
         self.channels: list[ChannelConfig] = []
+        self.retention: RetentionService | None = None
 
     @property
     def charsets(self) -> dict:
@@ -86,6 +88,9 @@ class Engine(service.MultiService):
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
         self.committer.start()
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets)
+        if config.retention.schedule:
+            self.retention = RetentionService(self.store, config.retention, self.reactor)
+            self.retention.setServiceParent(self)
         try:
             self._arrange(self.channels)
             super().startService()
@@ -225,6 +230,8 @@ class Engine(service.MultiService):
             counts = dict(svc.factory.ingest.counts) | dict(svc.factory.counts)
             log.info("listener {name}: {counts}", name=svc.factory.config.name,
                      counts=", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "idle")
+        if self.retention is not None:
+            yield self.retention.stopService()  # ends after its batch in flight
         if self.checkpoints is not None:
             audit = self.audit
             try:

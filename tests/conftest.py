@@ -77,6 +77,10 @@ def store_url(request, tmp_path):
     return request.getfixturevalue("postgres_url")
 
 
+#: The newest schema revision: the highest-numbered migration file (their chain is checked by test_store).
+SCHEMA_HEAD = sorted(p.name[:4] for p in (ROOT / "interface_engine" / "store" / "migrations" / "versions")
+                     .glob("[0-9][0-9][0-9][0-9]_*.py"))[-1]
+
 LISTENING = re.compile(r"listening for MLLP on [\d.]+:(\d+) \((\S+)\)")
 
 

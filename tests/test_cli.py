@@ -8,6 +8,7 @@ import tempfile
 import pytest
 
 from interface_engine.mllp import MLLPClient
+from tests.conftest import SCHEMA_HEAD
 from tests.messages import adt_a01
 
 
@@ -79,10 +80,10 @@ def test_db_upgrade_creates_then_reports_current(tmp_path):
     config = tmp_path / "engine.toml"
     config.write_text('[store]\nurl = "sqlite:///var/s.db"\n')
     first = cli("db", "upgrade", "--config", config, cwd=tmp_path)
-    assert first.returncode == 0 and "from revision none to 0003" in first.stdout
+    assert first.returncode == 0 and f"from revision none to {SCHEMA_HEAD}" in first.stdout
     assert (tmp_path / "var" / "s.db").exists()
     again = cli("db", "upgrade", "--config", config, cwd=tmp_path)
-    assert "already at revision 0003" in again.stdout
+    assert f"already at revision {SCHEMA_HEAD}" in again.stdout
 
 
 @pytest.mark.parametrize("text, fragments", [

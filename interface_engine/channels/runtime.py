@@ -38,7 +38,9 @@ from .templating import Mappings
 log = Logger()
 
 QUEUE_READ = 256
-IDLE_POLL = 5.0
+# An idle queue is read again this often: new deliveries that no message of this engine
+# queued (a replay from the command line) wait at most this long. One indexed read.
+IDLE_POLL = 1.0
 RETRY_AFTER_CAP = 3600.0
 
 

@@ -40,6 +40,7 @@ messages = Table(
     Column("channel", String(64), comment="the channel that took it; NULL: stored only"),
     Column("filter_reason", Text(), comment="the rule that filtered it out"),
     Column("correlation_id", String(32), comment="follows the message through the audit trail"),
+    Column("content_removed_at", DateTime(), comment="UTC; retention removed raw, outputs, responses"),
     Index("ix_messages_control_id", "control_id", "sending_application", "sending_facility"),
     Index("ix_messages_received_at", "received_at"),
     Index("ix_messages_state", "state"),
@@ -61,6 +62,8 @@ deliveries = Table(
     Column("response", LargeBinary(), comment="the last answer from the far side"),
     Column("created_at", DateTime(), nullable=False),
     Column("updated_at", DateTime(), nullable=False),
+    Column("replay_of", _Id, ForeignKey("deliveries.id"), comment="the delivery this one repeats"),
+    Column("replay_id", _Id, ForeignKey("replays.id"), comment="the replay that queued it"),
     Index("ix_deliveries_message", "message_id"),
     # Each destination's FIFO queue: its waiting deliveries in id order.
     Index("ix_deliveries_queue", "channel", "destination", "id",
@@ -109,3 +112,24 @@ audit_heads = Table(
     Column("seq", BigInteger(), nullable=False),
     Column("mac", String(64), nullable=False),
 )
+
+# -- replay ----------------------------------------------------------------------
+
+#: One row per replay: who asked for which messages, how, and how many were queued.
+#: Replayed deliveries point here and to the delivery they repeat; nothing is rewritten.
+replays = Table(
+    "replays", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", DateTime(), nullable=False, comment="UTC"),
+    Column("actor", String(64), nullable=False, comment="the OS user who ran it"),
+    Column("source", String(255), nullable=False, comment="the host it was run on"),
+    Column("selection", Text(), nullable=False, comment="which messages, as given"),
+    Column("mapping", String(16), nullable=False, comment="current or original"),
+    Column("destinations", Text(), comment="names asked for; NULL: every destination of the channel"),
+    Column("messages", Integer(), nullable=False, default=0),
+    Column("deliveries", Integer(), nullable=False, default=0),
+)
+
+# What the foreign key check reads when a delivery is deleted; only replayed rows are in it.
+_REPLAYED = text("replay_of IS NOT NULL")
+Index("ix_deliveries_replay_of", deliveries.c.replay_of, sqlite_where=_REPLAYED, postgresql_where=_REPLAYED)

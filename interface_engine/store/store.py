@@ -502,7 +502,7 @@ def _row(item: Incoming, now: datetime) -> dict:
         "control_id": item.control_id[:199], "version": item.version[:16],
         "size": len(item.raw), "sha256": item.sha256, "raw": item.raw, "ack": item.ack,
         "duplicates": 0, "channel": item.channel, "filter_reason": None,
-        "correlation_id": item.correlation_id,
+        "correlation_id": item.correlation_id, "content_removed_at": None,
     }
 
 
