@@ -17,7 +17,7 @@ from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from .schema import (DEAD, ERROR, FILTERED, PENDING_STATES, QUEUED, RECEIVED, REJECTED, SENT,
-                     attempts, deliveries, messages)
+                     attempts, deliveries, message_patients, messages)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -47,6 +47,8 @@ class Incoming:
     error: str | None = None
     #: builds the AE for a message whose control id is already stored with other content
     conflict_ack: Callable[[], bytes] | None = None
+    #: keyed hashes of the patient identifiers in PID-3, for the patient index
+    patients: tuple[str, ...] = ()
     sha256: str = field(init=False)
 
     def __post_init__(self):
@@ -264,6 +266,10 @@ class Store:
             for i, message_id in zip(slots, ids):
                 outcomes[i] = Outcome(CONFLICT if i in conflicts else STORED, message_id, batch[i].ack,
                                       batch[i].state)
+            patients = [{"message_id": message_id, "patient_hash": h}
+                        for i, message_id in zip(slots, ids) for h in batch[i].patients]
+            if patients:
+                conn.execute(_INSERT_PATIENTS, patients)
             counts: dict[int, int] = {}
             for i, original in copies.items():
                 if isinstance(original, int):
@@ -429,6 +435,20 @@ class Store:
             row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
         return dict(row._mapping) if row else None
 
+    def search(self, criteria) -> list[dict]:
+        """One page of messages matching a search.Criteria, newest first (metadata only)."""
+        from .search import search
+
+        with self._connect() as conn:
+            return search(conn, criteria)
+
+    def status(self, now: datetime | None = None):
+        """Counts per channel and destination, queue depths and ages: a search.Status."""
+        from .search import status
+
+        with self._connect() as conn:
+            return status(conn, now or utcnow())
+
     def count_messages(self, **where) -> int:
         query = select(func.count()).select_from(messages)
         for column, value in where.items():
@@ -438,6 +458,7 @@ class Store:
 
 
 # Prepared once: building a statement per row cost more than running it.
+_INSERT_PATIENTS = insert(message_patients)
 _STILL_RECEIVED = (select(messages.c.id)
                    .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)),
                           messages.c.state == RECEIVED))
