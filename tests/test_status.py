@@ -62,6 +62,20 @@ def test_status_counts_channels_destinations_and_queues(busy):
     assert "archive" in table and "queue" in table and "(none)" in table
 
 
+@pytest.mark.parametrize("name", ["CHANNEL_COUNTS", "DESTINATION_COUNTS", "QUEUES"])
+def test_status_reads_indexes_only(sqlite_url, name):
+    from interface_engine.store import search
+
+    store = Store(sqlite_url)
+    store.check_schema()
+    with store.engine.connect() as conn:
+        plan = [row[-1] for row in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + str(getattr(search, name).compile(
+                store.engine, compile_kwargs={"literal_binds": True})))]
+    assert all(step.startswith("USE TEMP") or "COVERING INDEX" in step or "ix_deliveries_queue" in step
+               for step in plan), plan
+
+
 def test_show_names_fields_and_gives_the_decision_and_attempts(busy):
     _, config, ids = busy
     text = cli("messages", "show", ids["sent"], "--config", config).stdout

@@ -145,26 +145,29 @@ class Status:
 def status(conn: sa.Connection, now: datetime) -> Status:
     """Read from the store, so true whichever process did the work."""
     channels: dict[str | None, dict[str, int]] = {}
-    for channel, state, n in conn.execute(
-            select(messages.c.channel, messages.c.state, func.count())
-            .group_by(messages.c.channel, messages.c.state)):
+    for channel, state, n in conn.execute(CHANNEL_COUNTS):
         channels.setdefault(channel, {})[state] = n
     destinations: dict[tuple[str, str], dict] = {}
-    d = deliveries.c
-    for destination, state, channel, n in conn.execute(
-            select(d.destination, d.state, d.channel, func.count())
-            .group_by(d.destination, d.state, d.channel)):
+    for destination, state, channel, n in conn.execute(DESTINATION_COUNTS):
         entry = destinations.setdefault((channel, destination), _empty_destination())
         entry[state] = n
-    # The queue index holds only waiting deliveries; the oldest is the first in FIFO order.
-    for channel, destination, depth, first in conn.execute(
-            select(d.channel, d.destination, func.count(), func.min(d.id))
-            .where(d.state.in_(PENDING_STATES)).group_by(d.channel, d.destination)):
-        created = conn.execute(select(d.created_at).where(d.id == first)).scalar_one()
+    for channel, destination, depth, first in conn.execute(QUEUES):
+        created = conn.execute(select(deliveries.c.created_at).where(deliveries.c.id == first)).scalar_one()
         entry = destinations.setdefault((channel, destination), _empty_destination())
         entry["queue_depth"] = depth
         entry["oldest_queued_age_s"] = round(max(0.0, (now - created).total_seconds()), 1)
     return Status(channels, destinations)
+
+
+# Each read from an index alone (covering, or the queue's partial index).
+CHANNEL_COUNTS = (select(messages.c.channel, messages.c.state, func.count())
+                  .group_by(messages.c.channel, messages.c.state))
+_d = deliveries.c
+DESTINATION_COUNTS = (select(_d.destination, _d.state, _d.channel, func.count())
+                      .group_by(_d.destination, _d.state, _d.channel))
+# The oldest waiting delivery is the first in its queue's FIFO (id) order.
+QUEUES = (select(_d.channel, _d.destination, func.count(), func.min(_d.id))
+          .where(_d.state.in_(PENDING_STATES)).group_by(_d.channel, _d.destination))
 
 
 def _empty_destination() -> dict:
