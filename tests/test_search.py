@@ -80,6 +80,15 @@ def test_each_criterion_finds_its_messages(filled):
     assert found(store, channel="adt", state="queued", patient_hash=KEYS.patient_hash("MRN1", "GEN")) == [adm1]
 
 
+def test_a_patient_named_twice_in_a_message_is_indexed_once(sqlite_url):
+    store = Store(sqlite_url)
+    store.check_schema()
+    twice = incoming(adt_a01("T1", mrn="MRN5") + b"PID|2||MRN5^^^GEN\r")
+    assert len(twice.patients) == 2
+    store.write([twice])
+    assert found(store, patient_hash=KEYS.patient_hash("MRN5", "GEN")) == [1]
+
+
 def test_pages_newest_first_by_id(filled):
     store, (adm1, lab1, adm2, adm3) = filled
     assert found(store, limit=2) == [adm3, adm2]
@@ -173,6 +182,7 @@ def test_cli_pages_and_tells_how_to_go_on(tmp_path, sqlite_url):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--since", "last week"], "--since: 'last week' is neither"),
+    (["--until", "9999999999d"], "--until: '9999999999d' reaches before the year 1"),
     (["--state", "done"], "--state: unknown state 'done'"),
     (["--destination-state", "sent"], "--destination-state needs --destination"),
     (["--destination", "d", "--destination-state", "gone"], "--destination-state: unknown state 'gone'"),

@@ -65,7 +65,10 @@ def parse_time(text: str, option: str, now: datetime | None = None) -> datetime:
     now = now or datetime.now(timezone.utc).replace(tzinfo=None)
     value = text.strip()
     if m := _RELATIVE.fullmatch(value):
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        except OverflowError:
+            raise SearchError(f"{option}: {text!r} reaches before the year 1") from None
     try:
         when = datetime.fromisoformat(value)
     except ValueError:

@@ -267,7 +267,7 @@ class Store:
                 outcomes[i] = Outcome(CONFLICT if i in conflicts else STORED, message_id, batch[i].ack,
                                       batch[i].state)
             patients = [{"message_id": message_id, "patient_hash": h}
-                        for i, message_id in zip(slots, ids) for h in batch[i].patients]
+                        for i, message_id in zip(slots, ids) for h in dict.fromkeys(batch[i].patients)]
             if patients:
                 conn.execute(_INSERT_PATIENTS, patients)
             counts: dict[int, int] = {}
