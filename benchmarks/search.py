@@ -89,7 +89,6 @@ def rows(count: int, keys: Keys, start: datetime, stamp):
 
 def fill(store: Store, count: int, keys: Keys, chunk: int = 20_000) -> float:
     began = time.perf_counter()
-    dialect = store.engine.dialect
     stamp = store._datetime if store._sqlite else (lambda value: value)
     raw_conn = store.engine.raw_connection()
     try:
@@ -126,25 +125,28 @@ def fill(store: Store, count: int, keys: Keys, chunk: int = 20_000) -> float:
             raw_conn.commit()
     finally:
         raw_conn.close()
-    del dialect
     return time.perf_counter() - began
 
 
-def timed(store: Store, criteria: list[Criteria], expect_found: bool) -> list[float]:
-    times = []
+def timed(store: Store, criteria: list[Criteria], expect_found: bool) -> tuple[list[float], list[float]]:
+    """Wall-clock and this thread's CPU milliseconds per lookup (on a shared machine the
+    difference is mostly time spent waiting for a core)."""
+    wall, cpu = [], []
     for c in criteria:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         found = store.search(c)
-        times.append((time.perf_counter() - began) * 1000)
+        wall.append((time.perf_counter() - began) * 1000)
+        cpu.append((time.thread_time() - began_cpu) * 1000)
         if expect_found and not found:
             raise SystemExit(f"a lookup found nothing: {c}")
-    return times
+    return wall, cpu
 
 
-def summary(times: list[float]) -> str:
-    ordered = sorted(times)
-    p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
-    return f"median {statistics.median(ordered):6.2f} ms  p95 {p95:6.2f} ms  max {ordered[-1]:6.2f} ms"
+def summary(times: tuple[list[float], list[float]]) -> str:
+    wall, cpu = sorted(times[0]), sorted(times[1])
+    p95 = wall[min(len(wall) - 1, int(len(wall) * 0.95))]
+    return (f"median {statistics.median(wall):6.2f} ms  p95 {p95:6.2f} ms  max {wall[-1]:6.2f} ms  "
+            f"(CPU median {statistics.median(cpu):5.2f} ms)")
 
 
 def measure(name: str, url: str, count: int, lookups: int, keys: Keys) -> None:
@@ -208,7 +210,8 @@ def main() -> None:
     ap.add_argument("--write-cost", action="store_true", help="measure the patient index's cost to ingest instead")
     args = ap.parse_args()
     keys = Keys("bench", secrets.token_bytes(32), secrets.token_bytes(32))
-    print(f"machine: nproc={os.cpu_count()}  python={sys.version.split()[0]}")
+    print(f"machine: nproc={os.cpu_count()}  python={sys.version.split()[0]}  "
+          f"load average {os.getloadavg()[0]:.1f} at start")
     if args.write_cost:
         write_cost(200, 100, keys)
         return

@@ -266,10 +266,10 @@ class Store:
             for i, message_id in zip(slots, ids):
                 outcomes[i] = Outcome(CONFLICT if i in conflicts else STORED, message_id, batch[i].ack,
                                       batch[i].state)
-            patients = [{"message_id": message_id, "patient_hash": h}
-                        for i, message_id in zip(slots, ids) for h in dict.fromkeys(batch[i].patients)]
+            patients = [(message_id, h) for i, message_id in zip(slots, ids)
+                        for h in dict.fromkeys(batch[i].patients)]
             if patients:
-                conn.execute(_INSERT_PATIENTS, patients)
+                self._insert_patients(conn, patients)
             counts: dict[int, int] = {}
             for i, original in copies.items():
                 if isinstance(original, int):
@@ -309,6 +309,12 @@ class Store:
             for row in rows])
         last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
         return list(range(last - len(rows) + 1, last + 1))
+
+    def _insert_patients(self, conn, rows: list[tuple[int, str]]):
+        if self._sqlite:  # straight to the driver, as for the messages themselves
+            conn.exec_driver_sql(_SQLITE_INSERT_PATIENTS, rows)
+        else:
+            conn.execute(_INSERT_PATIENTS, [{"message_id": m, "patient_hash": h} for m, h in rows])
 
     def _earlier_copies(self, conn, batch, now) -> dict[tuple, _Original]:
         ids = {item.control_id for item in batch if item.state == RECEIVED and item.control_id}
@@ -459,6 +465,7 @@ class Store:
 
 # Prepared once: building a statement per row cost more than running it.
 _INSERT_PATIENTS = insert(message_patients)
+_SQLITE_INSERT_PATIENTS = "INSERT INTO message_patients (message_id, patient_hash) VALUES (?, ?)"
 _STILL_RECEIVED = (select(messages.c.id)
                    .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)),
                           messages.c.state == RECEIVED))
