@@ -125,9 +125,9 @@ class Ingest:
 
     def _patients(self, raw: bytes, header) -> tuple[str, ...]:
         """The patient index entries of a message: never the identifiers themselves."""
-        if self.keys is None or (header.error is not None and header.error.code == "100"):
+        if self.keys is None:
             return ()
-        return tuple({self.keys.patient_hash(i, a): None for i, a in patient_ids(raw, header)})
+        return tuple(self.keys.patient_hash(i, a) for i, a in patient_ids(raw, header))
 
     def _processed(self, stored: tuple, item: Incoming, header, channel) -> defer.Deferred | bytes:
         """ack_mode = "processed": answer with what the destinations made of it."""
