@@ -333,9 +333,13 @@ def messages_list(config_path, limit, before_id, state, listener, as_json):
 @click.argument("message_id", type=int)
 @config_option
 @click.option("--raw", is_flag=True, help="Write the stored bytes exactly, nothing else.")
+@click.option("--json", "as_json", is_flag=True, help="Everything shown, as one JSON object.")
 @user_errors
-def messages_show(message_id, config_path, raw):
-    """Show one stored message: its metadata, its segments and the answer it was given."""
+def messages_show(message_id, config_path, raw, as_json):
+    """Show one stored message: its metadata, its segments with field names, the channel's
+    decision, the answer it was given and per destination its output and every attempt."""
+    from . import inspection
+
     store = _open_store(config_path)
     row = store.get_message(message_id)
     if row is None:
@@ -343,15 +347,22 @@ def messages_show(message_id, config_path, raw):
     if raw:
         sys.stdout.buffer.write(row["raw"])
         return
+    found = store.deliveries_of(message_id)
+    if as_json:
+        click.echo(inspection.show_json(row, found))
+        return
     for key, value in _jsonable(row).items():
         if key not in ("raw", "ack"):
             click.echo(f"{key:22} {value}")
+    click.echo(f"{'decision':22} {inspection.decision(row, found)}")
     click.echo("\nmessage:")
     click.echo(_printable(row["raw"]))
+    click.echo("\nsegments:")
+    click.echo(inspection.show_segments(row["raw"]))
     if row["ack"]:
         click.echo("\nanswer sent:")
         click.echo(_printable(row["ack"]))
-    for d in store.deliveries_of(message_id):
+    for d in found:
         where = f" -> {d['target']}" if d["target"] else ""
         click.echo(f"\ndelivery {d['id']}: {d['destination']}  {d['state']}  "
                    f"attempts={d['attempts']}{where}")
@@ -586,3 +597,75 @@ def prune(dry_run, config_path):
     counts = apply_rules(store, config.retention.rules, batch=config.retention.batch, dry_run=dry_run)
     for line in report(counts, dry_run):
         click.echo(line)
+# -- search and status --------------------------------------------------------------
+
+
+@messages.command("search")
+@config_option
+@click.option("--channel", help="Messages taken by this channel.")
+@click.option("--state", help="received, filtered, queued, sent, error, dead or rejected.")
+@click.option("--since", help="Received at or after: ISO 8601 (UTC unless it says) or an age like 2h, 7d.")
+@click.option("--until", help="Received before: ISO 8601 or an age like 30m.")
+@click.option("--type", "type_", help="Message type, with or without trigger: ADT or ADT^A01.")
+@click.option("--control-id", help="MSH-10.")
+@click.option("--sender", help="MSH-3, or MSH-3|MSH-4: APP or APP|FACILITY.")
+@click.option("--destination", help="Messages with a delivery to this destination.")
+@click.option("--destination-state", help="... whose delivery there is queued, sent, error, dead or filtered.")
+@click.option("--patient", help="A patient identifier (PID-3); looked up by its keyed hash.")
+@click.option("--authority", help="The identifier's assigning authority (PID-3.4).")
+@click.option("--limit", default="50", show_default=True, help="Messages per page (1 to 10000).")
+@click.option("--before", help="Only ids below this: the last id of the previous page.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@user_errors
+def messages_search(config_path, channel, state, since, until, type_, control_id, sender, destination,
+                    destination_state, patient, authority, limit, before, as_json):
+    """Find stored messages, newest first, by any mix of criteria (metadata only, no content)."""
+    from . import inspection
+    from . import keys as key_file
+    from .store.search import SearchError
+
+    config = config_module.load(config_path)
+    try:
+        keys = key_file.load(config.keys_file) if patient is not None else None
+        criteria = inspection.criteria(
+            channel=channel, state=state, since=since, until=until, type_=type_, control_id=control_id,
+            sender=sender, destination=destination, destination_state=destination_state,
+            patient=patient, authority=authority, keys=keys,
+            limit=_whole_number(limit, "--limit"),
+            before=_whole_number(before, "--before") if before is not None else None)
+    except SearchError as e:
+        raise Failure(str(e)) from None
+    store = _open_store(config_path)
+    rows = store.search(criteria)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(inspection.jsonable(row)))
+        return
+    click.echo(inspection.search_table(rows))
+    hint = inspection.next_page_hint(rows, criteria.limit)
+    if hint:
+        click.echo(hint, err=True)
+
+
+def _whole_number(text: str, option: str) -> int:
+    from .store.search import SearchError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise SearchError(f"{option}: {text!r} is not a whole number") from None
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+@user_errors
+def status(config_path, as_json):
+    """Messages per channel and state, deliveries per destination, queue depth and oldest wait.
+
+    Read from the store, so it counts the work of every engine sharing it.
+    """
+    from . import inspection
+
+    counts = _open_store(config_path).status()
+    click.echo(inspection.status_json(counts) if as_json else inspection.status_table(counts))

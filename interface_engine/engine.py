@@ -152,7 +152,8 @@ class Engine(service.MultiService):
             if name in self.listeners:
                 self.listeners[name].factory.ingest.routes = tuple(routes)
                 continue
-            ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, routes)
+            ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, routes,
+                            keys=self.keys)
             factory = MLLPListenerFactory(listener, ingest, self.committer, self.config.store.max_backlog)
             factory.refused = self.refusals
             svc = ListenerService(factory, self.reactor)
@@ -165,7 +166,8 @@ class Engine(service.MultiService):
         for name, channel in directories.items():
             if name not in self.sources:
                 listener = ListenerConfig(name=f"directory:{name}")
-                ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, [channel])
+                ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, [channel],
+                                keys=self.keys)
                 source = DirectorySource(channel, ingest, self.reactor)
                 self.sources[name] = source
                 source.setServiceParent(self)

@@ -18,6 +18,8 @@ from twisted.logger import Logger
 
 from . import hl7, log as logging
 from .config import HL7Config, ListenerConfig
+from .hl7.patients import patient_ids
+from .keys import Keys
 from .store import (CONFLICT, DUPLICATE, RECEIVED, REJECTED, STORED, GroupCommitter, Incoming,
                     Outcome)
 
@@ -64,8 +66,9 @@ class Ingest:
     """
 
     def __init__(self, committer: GroupCommitter, listener: ListenerConfig, charsets: HL7Config,
-                 runtime=None, routes=()):
+                 runtime=None, routes=(), keys: Keys | None = None):
         self.committer = committer
+        self.keys = keys
         self.listener = listener.name
         self.charsets = {"default_charset": charsets.default_charset,
                          "fallback_charset": charsets.fallback_charset}
@@ -136,12 +139,19 @@ class Ingest:
             control_id=header.control_id, version=header.version,
             channel=channel.name if channel else None,
             conflict_ack=lambda: self._conflict_ack(header),
+            patients=self._patients(raw, header),
         )
         d = self.committer.submit(item)
         d.addCallback(self._stored, item, peer)
         if channel is not None and channel.source.ack_mode == "processed":
             d.addCallback(self._processed, item, header, channel)
         return d
+
+    def _patients(self, raw: bytes, header) -> tuple[str, ...]:
+        """The patient index entries of a message: never the identifiers themselves."""
+        if self.keys is None:
+            return ()
+        return tuple(self.keys.patient_hash(i, a) for i, a in patient_ids(raw, header))
 
     def _processed(self, stored: tuple, item: Incoming, header, channel) -> defer.Deferred | bytes:
         """ack_mode = "processed": answer with what the destinations made of it."""

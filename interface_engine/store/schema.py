@@ -133,3 +133,18 @@ replays = Table(
 # What the foreign key check reads when a delivery is deleted; only replayed rows are in it.
 _REPLAYED = text("replay_of IS NOT NULL")
 Index("ix_deliveries_replay_of", deliveries.c.replay_of, sqlite_where=_REPLAYED, postgresql_where=_REPLAYED)
+# -- search: the patient index and the indexes behind `messages search` and `status` ---------
+
+#: Patients a message is about, as keyed hashes of PID-3 (see keys.Keys.patient_hash):
+#: the index finds a patient's messages without holding the identifier in clear.
+message_patients = Table(
+    "message_patients", metadata,
+    Column("message_id", _Id, ForeignKey("messages.id"), primary_key=True),
+    Column("patient_hash", String(64), primary_key=True),
+    Index("ix_message_patients_hash", "patient_hash", "message_id"),
+)
+Index("ix_messages_type", messages.c.message_type, messages.c.trigger_event)
+Index("ix_messages_sender", messages.c.sending_application, messages.c.sending_facility)
+# Search by destination (ordered by message) and the counts of `status` (channel covered).
+Index("ix_deliveries_destination", deliveries.c.destination, deliveries.c.state,
+      deliveries.c.message_id, deliveries.c.channel)

@@ -18,7 +18,7 @@ from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from .schema import (DEAD, ERROR, FILTERED, PENDING_STATES, QUEUED, RECEIVED, REJECTED, SENT,
-                     attempts, deliveries, messages)
+                     attempts, deliveries, message_patients, messages)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -50,6 +50,8 @@ class Incoming:
     conflict_ack: Callable[[], bytes] | None = None
     #: follows the message through the audit trail, across channels and destinations
     correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: keyed hashes of the patient identifiers in PID-3, for the patient index
+    patients: tuple[str, ...] = ()
     sha256: str = field(init=False)
 
     def __post_init__(self):
@@ -271,6 +273,10 @@ class Store:
             for i, message_id in zip(slots, ids):
                 outcomes[i] = Outcome(CONFLICT if i in conflicts else STORED, message_id, batch[i].ack,
                                       batch[i].state)
+            patients = [(message_id, h) for i, message_id in zip(slots, ids)
+                        for h in dict.fromkeys(batch[i].patients)]
+            if patients:
+                self._insert_patients(conn, patients)
             counts: dict[int, int] = {}
             for i, original in copies.items():
                 if isinstance(original, int):
@@ -312,6 +318,12 @@ class Store:
             for row in rows])
         last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
         return list(range(last - len(rows) + 1, last + 1))
+
+    def _insert_patients(self, conn, rows: list[tuple[int, str]]):
+        if self._sqlite:  # straight to the driver, as for the messages themselves
+            conn.exec_driver_sql(_SQLITE_INSERT_PATIENTS, rows)
+        else:
+            conn.execute(_INSERT_PATIENTS, [{"message_id": m, "patient_hash": h} for m, h in rows])
 
     def _earlier_copies(self, conn, batch, now) -> dict[tuple, _Original]:
         ids = {item.control_id for item in batch if item.state == RECEIVED and item.control_id}
@@ -442,6 +454,20 @@ class Store:
             row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
         return dict(row._mapping) if row else None
 
+    def search(self, criteria) -> list[dict]:
+        """One page of messages matching a search.Criteria, newest first (metadata only)."""
+        from .search import search
+
+        with self._connect() as conn:
+            return search(conn, criteria)
+
+    def status(self, now: datetime | None = None):
+        """Counts per channel and destination, queue depths and ages: a search.Status."""
+        from .search import status
+
+        with self._connect() as conn:
+            return status(conn, now or utcnow())
+
     def count_messages(self, **where) -> int:
         query = select(func.count()).select_from(messages)
         for column, value in where.items():
@@ -451,6 +477,8 @@ class Store:
 
 
 # Prepared once: building a statement per row cost more than running it.
+_INSERT_PATIENTS = insert(message_patients)
+_SQLITE_INSERT_PATIENTS = "INSERT INTO message_patients (message_id, patient_hash) VALUES (?, ?)"
 _STILL_RECEIVED = (select(messages.c.id)
                    .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)),
                           messages.c.state == RECEIVED))
