@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from . import keys
 from .channels.config import ChannelConfig, load_channels
 from .channels.directory import DirectorySource
+from .channels.ownership import QueueOwnership
 from .channels.runtime import ChannelRuntime
 from .channels.templating import Mappings
 from .config import ConfigError, EngineConfig, ListenerConfig, prepare_sqlite_file
@@ -72,11 +73,14 @@ class Engine(service.MultiService):
         self.channels, mappings = load_channel_set(config)
         self.keys, created = keys.load_or_create(config.keys_file)
         prepare_sqlite_file(config.store.url)
-        self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window)
+        self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window,
+                           node=config.node)
         self.store.check_schema()
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
         self.committer.start()
-        self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets)
+        ownership = QueueOwnership(self.committer, self.reactor, config.node, config.queue_lease)
+        self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets,
+                                      ownership=ownership)
         try:
             self._arrange(self.channels)
             super().startService()
