@@ -90,7 +90,7 @@ class EngineProcess:
         self.config_path = workdir / "engine.toml"
         self.log_path = workdir / "engine.log"
         settings = {"name": "test", "host": "127.0.0.1", "port": 0} | (listener or {})
-        lines = ["[engine]", 'log_level = "debug"', *(f'{k} = "{v}"' for k, v in (engine or {}).items()),
+        lines = ["[engine]", *(f'{k} = "{v}"' for k, v in ({"log_level": "debug"} | (engine or {})).items()),
                  "[store]", f'url = "{store_url}"', extra, "[[listeners]]"]
         for key, value in settings.items():
             lines.append(f"{key} = {value!r}" if isinstance(value, str) else f"{key} = {value}")

@@ -124,6 +124,7 @@ def test_a_lease_row_locked_by_another_engine_is_skipped_not_waited_for(postgres
         t.join(5)
         assert not t.is_alive(), "the renewal waited for a locked lease row"
         assert result["r"].held == set()   # "one" is locked, "two" is a's and live
+        assert result["r"].skipped == {QUEUES[0]}
     finally:
         other.rollback()
         other.close()

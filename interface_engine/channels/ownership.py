@@ -97,9 +97,11 @@ class QueueOwnership:
         held = [q for q in sorted(renewal.held) if q not in self._releasing]
         keep, shed = held[:renewal.share], held[renewal.share:]
         gained = [q for q in keep if not self.holds(q)]
-        lost = [q for q in self._held if q not in renewal.held]
+        # A lease row another engine was locking right then is still ours until it ends.
+        kept = {q: self._held[q] for q in renewal.skipped if q in self._held}
+        lost = [q for q in self._held if q not in renewal.held and q not in kept]
         newly_shed = [q for q in shed if q not in self._shedding]
-        self._held = {q: until for q in keep}
+        self._held = {q: until for q in keep} | kept
         self._shedding = set(shed)
         workers = self.runtime.workers
         for q in gained + shed:

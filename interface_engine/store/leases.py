@@ -53,6 +53,8 @@ class Claim:
 @dataclass(frozen=True, slots=True)
 class Renewal:
     held: frozenset[Queue]
+    #: rows another engine had locked at that moment: neither taken nor lost, ask again
+    skipped: frozenset[Queue]
     #: how many queues this node should deliver: its wanted queues shared among live nodes
     share: int
     #: messages stored by a node that is gone are waiting for one of our channels
@@ -97,15 +99,16 @@ class Leases:
                     nodes.c.seen_at > now - timedelta(seconds=claim.duration))).scalar_one()
                 queues = sorted(set(claim.queues))
                 share = -(-len(queues) // max(live, 1))
-                held = self._take(conn, node, queues, share, now, claim.duration) if queues else set()
+                held, skipped = (self._take(conn, node, queues, share, now, claim.duration)
+                                 if queues else (set(), set()))
                 absent = conn.execute(
                     self._waiting(node.name, claim.channels, now - timedelta(seconds=claim.stale_after),
                                   own=False).with_only_columns(messages.c.id).limit(1)).first()
-                results.append(Renewal(frozenset(held), share, absent is not None))
+                results.append(Renewal(frozenset(held), frozenset(skipped), share, absent is not None))
         return results
 
     def _take(self, conn, node: Node, queues: list[Queue], share: int, now: datetime,
-              duration: float) -> set[Queue]:
+              duration: float) -> tuple[set[Queue], set[Queue]]:
         conn.execute(self._insert(queue_leases).on_conflict_do_nothing(),
                      [{"channel": c, "destination": d} for c, d in queues])
         rows = conn.execute(
@@ -114,8 +117,9 @@ class Leases:
             .where(sa.tuple_(queue_leases.c.channel, queue_leases.c.destination).in_(queues))
             .order_by(queue_leases.c.channel, queue_leases.c.destination)
             .with_for_update(skip_locked=True))
-        ours, free = [], []
+        ours, free, seen = [], [], set()
         for channel, destination, owner, token, expires_at in rows:
+            seen.add((channel, destination))
             if expires_at is None or expires_at <= now:
                 free.append((channel, destination))
             elif owner == node.name and token == node.token:
@@ -130,7 +134,7 @@ class Leases:
                 .values(owner=node.name, token=node.token,
                         expires_at=now + timedelta(seconds=duration)),
                 [{"c": c, "d": d} for c, d in taking])
-        return set(taking)
+        return set(taking), set(queues) - seen
 
     def release(self, batch: list[tuple[Node, tuple[Queue, ...]]]) -> list[None]:
         """Give queues back at once (their workers are idle): another engine may take them now."""
