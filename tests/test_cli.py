@@ -79,10 +79,10 @@ def test_db_upgrade_creates_then_reports_current(tmp_path):
     config = tmp_path / "engine.toml"
     config.write_text('[store]\nurl = "sqlite:///var/s.db"\n')
     first = cli("db", "upgrade", "--config", config, cwd=tmp_path)
-    assert first.returncode == 0 and "from revision none to 0002" in first.stdout
+    assert first.returncode == 0 and "from revision none to 0006" in first.stdout
     assert (tmp_path / "var" / "s.db").exists()
     again = cli("db", "upgrade", "--config", config, cwd=tmp_path)
-    assert "already at revision 0002" in again.stdout
+    assert "already at revision 0006" in again.stdout
 
 
 @pytest.mark.parametrize("text, fragments", [
