@@ -122,7 +122,9 @@ class Leases:
             seen.add((channel, destination))
             if expires_at is None or expires_at <= now:
                 free.append((channel, destination))
-            elif owner == node.name and token == node.token:
+            elif owner == node.name and (token == node.token or not self._postgres):
+                # SQLite has one engine per file: a lease under our name is our previous
+                # run's, dead since, and a restart after a crash need not wait for it.
                 ours.append((channel, destination))
         # Ours are all renewed, even beyond the share: the runtime gives the excess back
         # once each worker's delivery in flight is over.
