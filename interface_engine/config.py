@@ -245,8 +245,8 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
         listeners.append(listener)
     top.done()
     return EngineConfig(path=path, log_level=log_level, log_format=log_format, pid_file=pid_file,
-                        node=node, queue_lease=queue_lease, keys_file=keys_file, store=store, hl7=hl7, channels=channels,
-                        listeners=tuple(listeners))
+                        node=node, queue_lease=queue_lease, keys_file=keys_file, store=store, hl7=hl7,
+                        channels=channels, listeners=tuple(listeners))
 
 
 def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> ListenerConfig:
