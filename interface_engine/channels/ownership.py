@@ -24,7 +24,8 @@ import secrets
 import socket
 import time
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
+from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
 
 from ..store import utcnow
@@ -49,12 +50,22 @@ class QueueOwnership:
         self._adopting: defer.Deferred | None = None
         self._loop = task.LoopingCall(self._renew)
         self._loop.clock = reactor
+        self._pool = None if self.leases.through_committer else ThreadPool(1, 1, name="queue-leases")
+
+    def _call(self, method, item) -> defer.Deferred:
+        """One lease transaction, where Leases says it belongs: the committer or our own thread."""
+        if self._pool is None:
+            return self.committer.submit(item, method)
+        d = threads.deferToThreadPool(self.reactor, self._pool, method, [item])
+        return d.addCallback(lambda results: results[0])
 
     def holds(self, queue: Queue) -> bool:
         until = self._held.get(queue)
         return until is not None and time.monotonic() < until
 
     def start(self):
+        if self._pool is not None:
+            self._pool.start()
         self._loop.start(self.lease / 5, now=True)
 
     @defer.inlineCallbacks
@@ -64,11 +75,13 @@ class QueueOwnership:
             self._loop.stop()
         self._held.clear()
         try:
-            yield self.committer.submit(self.node, self.leases.leave)
+            yield self._call(self.leases.leave, self.node)
         except Exception as error:
             log.warn("could not release the queue leases at stop ({error}); other engines take "
                      "them when they expire", error=str(error).splitlines()[0] if str(error) else
                      type(error).__name__)
+        if self._pool is not None:
+            yield threads.deferToThread(self._pool.stop)
 
     def idle(self, queue: Queue):
         """A worker is not delivering: if its queue is being given up, release it now."""
@@ -76,24 +89,23 @@ class QueueOwnership:
             return
         self._shedding.discard(queue)
         self._releasing.add(queue)
-        d = self.committer.submit((self.node, (queue,)), self.leases.release)
+        d = self._call(self.leases.release, (self.node, (queue,)))
         d.addErrback(lambda f: log.warn("could not release queue {q}: {error}; it is free when "
                                         "its lease ends", q="/".join(queue), error=f.getErrorMessage()))
         d.addBoth(lambda _: self._releasing.discard(queue))
 
     def _renew(self) -> defer.Deferred:
-        started = time.monotonic()
         claim = Claim(self.node, tuple(self.runtime.workers), self.lease, self.stale_after,
                       tuple(self.runtime.channels))
-        d = self.committer.submit(claim, self.leases.renew)
-        d.addCallback(self._renewed, started)
+        d = self._call(self.leases.renew, claim)
+        d.addCallback(self._renewed)
         d.addErrback(lambda f: log.warn(
             "could not renew the queue leases: {error}; delivery stops when they end",
             error=f.getErrorMessage().splitlines()[0] if f.getErrorMessage() else "store error"))
         return d
 
-    def _renewed(self, renewal: Renewal, started: float):
-        until = started + self.lease - self.margin
+    def _renewed(self, renewal: Renewal):
+        until = renewal.began + self.lease - self.margin
         held = [q for q in sorted(renewal.held) if q not in self._releasing]
         keep, shed = held[:renewal.share], held[renewal.share:]
         gained = [q for q in keep if not self.holds(q)]

@@ -4,19 +4,23 @@ A destination queue is delivered by one engine at a time, the one holding its ro
 `queue_leases`. An engine writes its heartbeat to `nodes` and takes or renews all its
 leases in one short transaction every few seconds.
 
-`renew` and `release` go through the group committer's writer thread, like every
-other write. On SQLite that is what keeps the file to one writing connection (a
-second one would make the writer's read-then-write transactions fail with a busy
-snapshot); on PostgreSQL it costs one small transaction per renewal, at worst queued
-behind one batch, which takes milliseconds against a lease of seconds. Lease times
-are the database's clock, so that engines on machines whose clocks differ agree on
-when a lease ends.
+On PostgreSQL `renew`, `release` and `leave` run on a thread and a connection of their
+own (see channels.ownership): queued behind the group committer's batches, a renewal
+can wait seconds under load, and a renewal that comes late is a lease that lapses.
+On SQLite they go through the group committer's writer thread like every other write:
+the file must have one writing connection (a second one would make the writer's
+read-then-write transactions fail with a busy snapshot), and a lone engine loses
+nothing to a late renewal but a pause. Lease times are the database's clock, so that
+engines on machines whose clocks differ agree on when a lease ends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+import time
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy import delete, func, select, update
@@ -52,6 +56,8 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Renewal:
+    #: time.monotonic() as the transaction began: the leases held last at least `duration` from it
+    began: float
     held: frozenset[Queue]
     #: rows another engine had locked at that moment: neither taken nor lost, ask again
     skipped: frozenset[Queue]
@@ -66,6 +72,18 @@ class Leases:
         self.store = store
         self._postgres = store.engine.dialect.name == "postgresql"
         self._insert = postgresql.insert if self._postgres else sqlite.insert
+        #: on the group committer's writer thread (SQLite) or on a thread of their own
+        self.through_committer = not self._postgres
+
+    @contextmanager
+    def _transaction(self):
+        if self.through_committer:
+            conn = self.store._writer()
+            with conn.begin():
+                yield conn
+        else:
+            with self.store._connect() as conn, conn.begin():
+                yield conn
 
     def _now(self, conn) -> datetime:
         if self._postgres:
@@ -82,10 +100,10 @@ class Leases:
         ours this time); on SQLite the single writer serialises. Rows are locked in key
         order, so two engines cannot deadlock.
         """
-        conn = self.store._writer()
         results = []
-        with conn.begin():
+        with self._transaction() as conn:
             for claim in batch:
+                began = time.monotonic()
                 now = self._now(conn)
                 node = claim.node
                 # A write first: on SQLite it takes the write lock before any read.
@@ -104,7 +122,8 @@ class Leases:
                 absent = conn.execute(
                     self._waiting(node.name, claim.channels, now - timedelta(seconds=claim.stale_after),
                                   own=False).with_only_columns(messages.c.id).limit(1)).first()
-                results.append(Renewal(frozenset(held), frozenset(skipped), share, absent is not None))
+                results.append(Renewal(began, frozenset(held), frozenset(skipped), share,
+                                       absent is not None))
         return results
 
     def _take(self, conn, node: Node, queues: list[Queue], share: int, now: datetime,
@@ -140,8 +159,7 @@ class Leases:
 
     def release(self, batch: list[tuple[Node, tuple[Queue, ...]]]) -> list[None]:
         """Give queues back at once (their workers are idle): another engine may take them now."""
-        conn = self.store._writer()
-        with conn.begin():
+        with self._transaction() as conn:
             for node, queues in batch:
                 if queues:
                     conn.execute(
@@ -155,8 +173,7 @@ class Leases:
 
     def leave(self, batch: list[Node]) -> list[None]:
         """A node that stops cleanly: its leases are free and its row gone, so nobody waits for it."""
-        conn = self.store._writer()
-        with conn.begin():
+        with self._transaction() as conn:
             for node in batch:
                 conn.execute(update(queue_leases)
                              .where(queue_leases.c.owner == node.name, queue_leases.c.token == node.token)
