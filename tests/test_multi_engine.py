@@ -147,7 +147,8 @@ def test_two_engines_deliver_each_message_once_in_queue_order(cluster):
     assert len(acked) == 10_000
     stored = time.monotonic() - started
     expected = {q: sum(1 for queue in acked.values() if queue == q) for q in QUEUES}
-    cluster.wait(lambda: all(len(cluster.receivers[q].received) >= expected[q] for q in QUEUES), 90,
+    # Generous: about a minute on a quiet 2-CPU machine, much longer when it is shared.
+    cluster.wait(lambda: all(len(cluster.receivers[q].received) >= expected[q] for q in QUEUES), 300,
                  "every delivery")
     elapsed = time.monotonic() - started
     for q in QUEUES:
@@ -187,7 +188,7 @@ def test_a_killed_engine_s_queues_and_messages_are_taken_over(cluster, postgres_
     def all_delivered():
         arrived = {q: set(cluster.receivers[q].control_ids()) for q in QUEUES}
         return all(cid in arrived[q] for cid, q in acked.items())
-    cluster.wait(all_delivered, 60, "every acknowledged message at its destination")
+    cluster.wait(all_delivered, 180, "every acknowledged message at its destination")
     cluster.wait(lambda: cluster.store.count_messages(state="received") == 0 and
                  cluster.store.count_deliveries(state="queued") == 0, 30, "every stored message delivered")
     assert cluster.store.count_messages(state="sent") == cluster.store.count_messages()
