@@ -90,7 +90,7 @@ class Leases:
             return conn.execute(sa.text("SELECT timezone('utc', now())")).scalar_one()
         return utcnow()   # SQLite: one engine per file, its own clock is the only one
 
-    # -- through the group committer ------------------------------------------------------
+    # -- writes: the group committer's thread (SQLite) or the lease thread (PostgreSQL) ----
 
     def renew(self, batch: list[Claim]) -> list[Renewal]:
         """Heartbeat, then take or extend leases: free, expired or ours; never a live one of another.
