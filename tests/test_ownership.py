@@ -2,7 +2,8 @@
 shed to a second engine only once the worker is idle, released at stop. Real store, real
 group committer, real reactor; the runtime is reduced to the two things ownership reads."""
 
-import os
+import shutil
+import tempfile
 
 import sqlalchemy as sa
 from twisted.internet import defer, reactor, task
@@ -43,8 +44,8 @@ def sleep(seconds):
 
 class OwnershipTests(unittest.TestCase):
     def setUp(self):
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
+        folder = tempfile.mkdtemp(prefix="ie-ownership-")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
         self.store = Store(f"sqlite:///{folder}/store.db")
         self.store.check_schema()
         self.committer = GroupCommitter(self.store, reactor)
