@@ -78,6 +78,8 @@ class EngineConfig:
     pid_file: str = "var/engine.pid"
     #: this process's name among engines sharing a store (audit chain, queue ownership)
     node: str = "engine"
+    #: how long a destination queue stays with an engine that stopped renewing its lease
+    queue_lease: float = 15.0
     keys_file: str = "var/keys.json"
     store: StoreConfig = field(default_factory=StoreConfig)
     hl7: HL7Config = field(default_factory=HL7Config)
@@ -210,6 +212,9 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
     node = engine.str("node", os.environ.get("IE_NODE") or _default_node())
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", node):
         engine.fail("node", f"expected up to 64 letters, digits or _.:- , got {node!r}")
+    queue_lease = engine.duration("queue_lease", 15.0)
+    if queue_lease < 1.0:
+        engine.fail("queue_lease", f"expected a duration of at least 1s, got {queue_lease:g}s")
     engine.done()
 
     k = top.table("keys")
@@ -259,8 +264,8 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
     retention = read_retention(top.table("retention"))
     top.done()
     return EngineConfig(path=path, log_level=log_level, log_format=log_format, pid_file=pid_file,
-                        node=node, keys_file=keys_file, store=store, hl7=hl7, channels=channels,
-                        listeners=tuple(listeners), audit=audit, retention=retention)
+                        node=node, queue_lease=queue_lease, keys_file=keys_file, store=store, hl7=hl7,
+                        channels=channels, listeners=tuple(listeners), audit=audit, retention=retention)
 
 
 def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> ListenerConfig:

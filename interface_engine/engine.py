@@ -26,6 +26,7 @@ from . import keys
 from .audit import FAILURE, SUCCESS, AuditTrail, Checkpointer, RefusalAudit
 from .channels.config import ChannelConfig, load_channels
 from .channels.directory import DirectorySource
+from .channels.ownership import QueueOwnership
 from .channels.runtime import ChannelRuntime
 from .channels.templating import Mappings
 from .config import ConfigError, EngineConfig, ListenerConfig, prepare_sqlite_file
@@ -80,14 +81,16 @@ class Engine(service.MultiService):
         self.audit = AuditTrail(self.keys.audit, config.node)
         self.refusals = RefusalAudit(self.audit, self.reactor)
         self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window,
-                           audit=self.audit)
+                           audit=self.audit, node=config.node)
         self.store.check_schema()
         self.audit.record("config.loaded", actor=self.audit.actor, object_type="config",
                           object_id=config.path, source=self.audit.source,
                           detail={"channels": [c.name for c in self.channels]})
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
         self.committer.start()
-        self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets)
+        ownership = QueueOwnership(self.committer, self.reactor, config.node, config.queue_lease)
+        self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets,
+                                      ownership=ownership)
         if config.retention.schedule:
             self.retention = RetentionService(self.store, config.retention, self.reactor)
             self.retention.setServiceParent(self)

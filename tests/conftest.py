@@ -97,14 +97,14 @@ class EngineProcess:
     """`interface-engine run` in a subprocess, with its log kept for inspection."""
 
     def __init__(self, workdir: Path, store_url: str, listener: dict | None = None,
-                 extra: str = ""):
+                 extra: str = "", engine: dict | None = None):
         self.workdir = workdir
         self.store_url = store_url
         self.config_path = workdir / "engine.toml"
         self.log_path = workdir / "engine.log"
         settings = {"name": "test", "host": "127.0.0.1", "port": 0} | (listener or {})
-        lines = ["[engine]", 'log_level = "debug"', "[store]", f'url = "{store_url}"', extra,
-                 "[[listeners]]"]
+        lines = ["[engine]", *(f'{k} = "{v}"' for k, v in ({"log_level": "debug"} | (engine or {})).items()),
+                 "[store]", f'url = "{store_url}"', extra, "[[listeners]]"]
         for key, value in settings.items():
             lines.append(f"{key} = {_toml(value)}")
         self.config_path.write_text("\n".join(lines).replace("'", '"') + "\n")
@@ -149,11 +149,13 @@ def engine_factory(tmp_path):
     started: list[EngineProcess] = []
 
     def make(store_url: str | None = None, listener: dict | None = None, extra: str = "",
-             workdir: Path | None = None) -> EngineProcess:
+             workdir: Path | None = None, engine: dict | None = None) -> EngineProcess:
+        """`engine`: more [engine] keys, e.g. {"node": "a"} for the second engine on a store."""
         wd = workdir or tmp_path
-        engine = EngineProcess(wd, store_url or f"sqlite:///{wd / 'store.db'}", listener, extra)
-        started.append(engine)
-        return engine.start()
+        wd.mkdir(parents=True, exist_ok=True)
+        process = EngineProcess(wd, store_url or f"sqlite:///{wd / 'store.db'}", listener, extra, engine)
+        started.append(process)
+        return process.start()
 
     yield make
     for engine in started:

@@ -32,6 +32,7 @@ from ..store import (DEAD, ERROR, FILTERED, QUEUED, SENT, Attempt, Processed, Qu
 from ..config import ConfigError
 from ..secrets import SecretError
 from .config import ChannelConfig, DestinationConfig
+from .ownership import QueueOwnership
 from .pipeline import decide, prepare_again
 from .templating import Mappings
 
@@ -81,8 +82,11 @@ def loggable(error: str | None) -> str:
 
 class ChannelRuntime:
     def __init__(self, channels: list[ChannelConfig], mappings: Mappings, committer, reactor,
-                 charsets: dict | None = None):
+                 charsets: dict | None = None, *, ownership: QueueOwnership):
         self.committer = committer
+        #: which destination queues this engine may deliver for (leases shared with other engines)
+        self.ownership = ownership
+        ownership.runtime = self
         self.store = committer.store
         self.reactor = reactor
         self.charsets = charsets or {}
@@ -101,6 +105,7 @@ class ChannelRuntime:
     def start(self):
         self._pool.start()
         self._running = True
+        self.ownership.start()
         for worker in self.workers.values():
             worker.start()
         yield self._resume()
@@ -109,6 +114,7 @@ class ChannelRuntime:
     def stop(self):
         self._running = False
         yield defer.DeferredList([w.stop() for w in self.workers.values()])
+        yield self.ownership.stop()
         yield threads.deferToThread(self._pool.stop)
         for waiter in list(self._waiters.values()):
             waiter.finish(False, "engine stopping before the destinations confirmed")
@@ -148,11 +154,18 @@ class ChannelRuntime:
                     after.addBoth(lambda _, w=worker: w.start() if w is self.workers.get(key) else None)
 
     @defer.inlineCallbacks
-    def _resume(self):
-        """Messages stored for a channel before a stop or crash but not yet processed."""
+    def _resume(self, own: bool = True):
+        """Messages stored for a channel before a stop or crash but not yet processed.
+
+        Ours (`own`) and those of engines gone from a shared store; never those another
+        live engine has in hand.
+        """
         after, resumed = 0, 0
+        ownership = self.ownership
         while self._running:
-            rows = yield threads.deferToThread(self.store.waiting_for_channels, after)
+            rows = yield threads.deferToThread(ownership.leases.waiting, ownership.node.name,
+                                               tuple(self.channels), ownership.stale_after, after,
+                                               own=own)
             if not rows:
                 break
             for message_id, channel, raw in rows:
@@ -316,7 +329,12 @@ class DestinationWorker:
     @defer.inlineCallbacks
     def _run(self):
         store, committer = self.runtime.store, self.runtime.committer
+        ownership, queue = self.runtime.ownership, (self.channel.name, self.config.name)
         while self._running:
+            if not ownership.holds(queue):
+                ownership.idle(queue)
+                yield self._pause(IDLE_POLL)   # woken when the lease is ours
+                continue
             try:
                 heads = yield committer.submit((self.channel.name, self.config.name, QUEUE_READ),
                                                store.queue)
@@ -343,7 +361,8 @@ class DestinationWorker:
         records = []
         try:
             for delivery in heads:
-                if not self._running:
+                if not self._running or not self.runtime.ownership.holds((self.channel.name,
+                                                                          self.config.name)):
                     break
                 now = utcnow()
                 if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:

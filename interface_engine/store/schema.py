@@ -41,6 +41,7 @@ messages = Table(
     Column("filter_reason", Text(), comment="the rule that filtered it out"),
     Column("correlation_id", String(32), comment="follows the message through the audit trail"),
     Column("content_removed_at", DateTime(), comment="UTC; retention removed raw, outputs, responses"),
+    Column("node", String(64), comment="the engine that stored it; NULL: stored before engines had names"),
     Index("ix_messages_control_id", "control_id", "sending_application", "sending_facility"),
     Index("ix_messages_received_at", "received_at"),
     Index("ix_messages_state", "state"),
@@ -148,3 +149,22 @@ Index("ix_messages_sender", messages.c.sending_application, messages.c.sending_f
 # Search by destination (ordered by message) and the counts of `status` (channel covered).
 Index("ix_deliveries_destination", deliveries.c.destination, deliveries.c.state,
       deliveries.c.message_id, deliveries.c.channel)
+# -- Several engines on one store: who is alive, and who delivers for each queue ----------------
+
+nodes = Table(
+    "nodes", metadata,
+    Column("name", String(64), primary_key=True, comment="[engine] node"),
+    Column("pid", Integer(), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("started_at", DateTime(), nullable=False, comment="UTC"),
+    Column("seen_at", DateTime(), nullable=False, comment="UTC, the database's clock: the heartbeat"),
+)
+
+queue_leases = Table(
+    "queue_leases", metadata,
+    Column("channel", String(64), primary_key=True),
+    Column("destination", String(64), primary_key=True),
+    Column("owner", String(64), comment="the node that delivers for this queue; NULL: free"),
+    Column("token", String(32), comment="the owner's process run: a restarted node waits like the others"),
+    Column("expires_at", DateTime(), comment="UTC, the database's clock"),
+)

@@ -156,10 +156,13 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 
 class Store:
-    def __init__(self, url: str, *, duplicate_window: float = 86400.0, audit=None):
+    def __init__(self, url: str, *, duplicate_window: float = 86400.0, audit=None,
+                 node: str | None = None):
         self.url = url
         #: an audit.AuditTrail: each write method records its events in the transaction of its change
         self.audit = audit
+        #: the engine that writes through this store, recorded on each message it stores
+        self.node = node
         self.duplicate_window = timedelta(seconds=duplicate_window)
         try:
             self.engine = create_engine(url)
@@ -266,7 +269,7 @@ class Store:
                         conflicts.add(i)
                         if item.conflict_ack:
                             item.ack = item.conflict_ack()
-                rows.append(_row(item, now))
+                rows.append(_row(item, now, self.node))
                 slots.append(i)
             outcomes: list[Outcome | None] = [None] * len(batch)
             ids = self._insert_rows(conn, rows) if rows else []
@@ -408,15 +411,6 @@ class Store:
         if message_ids:
             conn.execute(_SETTLE, [{"mid": mid} for mid in message_ids])
 
-    def waiting_for_channels(self, after_id: int = 0, limit: int = 500) -> list[tuple[int, str, bytes]]:
-        """Messages stored for a channel but not yet through it (after a stop or a crash)."""
-        query = (select(messages.c.id, messages.c.channel, messages.c.raw)
-                 .where(messages.c.state == RECEIVED, messages.c.channel.is_not(None),
-                        messages.c.id > after_id)
-                 .order_by(messages.c.id).limit(limit))
-        with self._connect() as conn:
-            return [tuple(r) for r in conn.execute(query)]
-
     def deliveries_of(self, message_id: int) -> list[dict]:
         with self._connect() as conn:
             rows = conn.execute(select(deliveries).where(deliveries.c.message_id == message_id)
@@ -479,9 +473,13 @@ class Store:
 # Prepared once: building a statement per row cost more than running it.
 _INSERT_PATIENTS = insert(message_patients)
 _SQLITE_INSERT_PATIENTS = "INSERT INTO message_patients (message_id, patient_hash) VALUES (?, ?)"
+# FOR UPDATE (PostgreSQL; SQLite has one writer): when two engines race for a message,
+# the second waits for the first's commit and then no longer sees it `received`.
+# Rows are locked in id order, so two such transactions cannot deadlock.
 _STILL_RECEIVED = (select(messages.c.id)
                    .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)),
-                          messages.c.state == RECEIVED))
+                          messages.c.state == RECEIVED)
+                   .order_by(messages.c.id).with_for_update())
 _LEAVE_RECEIVED = (update(messages).where(messages.c.id == sa.bindparam("mid"))
                    .values(state=sa.bindparam("new_state"), filter_reason=sa.bindparam("reason")))
 _RECORD_ATTEMPT = (update(deliveries).where(deliveries.c.id == sa.bindparam("did"))
@@ -519,7 +517,7 @@ _EARLIER_COPIES = (
     .order_by(messages.c.id))
 
 
-def _row(item: Incoming, now: datetime) -> dict:
+def _row(item: Incoming, now: datetime, node: str | None) -> dict:
     return {
         "received_at": now, "listener": item.listener, "peer": item.peer, "state": item.state,
         "error": item.error, "sending_application": item.sending_application[:227],
@@ -530,7 +528,7 @@ def _row(item: Incoming, now: datetime) -> dict:
         "control_id": item.control_id[:199], "version": item.version[:16],
         "size": len(item.raw), "sha256": item.sha256, "raw": item.raw, "ack": item.ack,
         "duplicates": 0, "channel": item.channel, "filter_reason": None,
-        "correlation_id": item.correlation_id, "content_removed_at": None,
+        "correlation_id": item.correlation_id, "content_removed_at": None, "node": node,
     }
 
 
