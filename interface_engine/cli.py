@@ -339,11 +339,17 @@ def messages_show(message_id, config_path, raw, as_json):
     """Show one stored message: its metadata, its segments with field names, the channel's
     decision, the answer it was given and per destination its output and every attempt."""
     from . import inspection
+    from .audit import cli_actor, open_trail
 
-    store = _open_store(config_path)
+    store, trail = open_trail(config_module.load(config_path))
     row = store.get_message(message_id)
     if row is None:
         raise Failure(f"no message with id {message_id} (see `interface-engine messages list`)")
+    # Seeing a message is an access to patient data: recorded before anything is shown.
+    actor, source = cli_actor()
+    trail.record("content.viewed", actor=actor, object_type="message", object_id=str(message_id),
+                 source=source, correlation_id=row.get("correlation_id"),
+                 detail={"view": "raw" if raw else "json" if as_json else "text"})
     if raw:
         sys.stdout.buffer.write(row["raw"])
         return
@@ -553,6 +559,10 @@ def replay(message_ids, ids_from, destinations, mapping, dry_run, rate, config_p
         selected = job.select(ids)
     except ReplayError as e:
         raise Failure(str(e)) from None
+    from .audit import FAILURE, SUCCESS, cli_actor, open_trail
+
+    _, trail = open_trail(config)
+    actor, source = cli_actor()
     tally = job.tally
     if dry_run:
         for message_id, channel in selected:
@@ -560,6 +570,10 @@ def replay(message_ids, ids_from, destinations, mapping, dry_run, rate, config_p
                 click.echo(line)
         click.echo(f"dry run: {tally.messages} message(s), {tally.queued} delivery(ies) would be queued, "
                    f"{tally.filtered} filtered, {len(tally.errors)} error(s); nothing was changed")
+        # A dry run shows what would be sent, rendered from the messages: an access to their content.
+        trail.record("message.replay_previewed", actor=actor, object_type="replay", object_id="dry-run",
+                     source=source, detail={"selection": selection[:500], "mapping": mapping,
+                                            "destinations": list(destinations), "messages": tally.messages})
     else:
         record = job.begin(selection)
         started = time.monotonic()
@@ -573,6 +587,11 @@ def replay(message_ids, ids_from, destinations, mapping, dry_run, rate, config_p
             click.echo(error, err=True)
         click.echo(f"replay {job.replay_id}: {record.messages} message(s), {record.deliveries} "
                    f"delivery(ies) queued, {tally.filtered} filtered, {len(tally.errors)} error(s)")
+        trail.record("message.replayed", actor=actor, object_type="replay", object_id=str(job.replay_id),
+                     source=source, outcome=FAILURE if tally.errors else SUCCESS,
+                     detail={"selection": record.selection[:500], "mapping": record.mapping,
+                             "destinations": list(record.destinations or ()), "messages": record.messages,
+                             "deliveries": record.deliveries, "errors": len(tally.errors)})
     if tally.errors:
         sys.exit(EXIT_FAILED)
 
@@ -586,17 +605,23 @@ def prune(dry_run, config_path):
 
     Safe while the engine runs: each batch is its own short transaction.
     """
-    from .retention import report
+    from .retention import report, summary
     from .store.retention import prune as apply_rules
 
     config = config_module.load(config_path)
     if not config.retention.rules:
         raise Failure(f"{config.path}: no [[retention.rules]]: nothing to prune "
                       "(see docs/configuration.md, [retention])")
-    store = _open_store(config_path)
+    from .audit import cli_actor, open_trail
+
+    store, trail = open_trail(config)
     counts = apply_rules(store, config.retention.rules, batch=config.retention.batch, dry_run=dry_run)
     for line in report(counts, dry_run):
         click.echo(line)
+    if not dry_run:
+        actor, source = cli_actor()
+        trail.record("retention.pruned", actor=actor, object_type="store", object_id=config.node,
+                     source=source, detail=summary(counts))
 # -- search and status --------------------------------------------------------------
 
 

@@ -92,7 +92,7 @@ class Engine(service.MultiService):
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets,
                                       ownership=ownership)
         if config.retention.schedule:
-            self.retention = RetentionService(self.store, config.retention, self.reactor)
+            self.retention = RetentionService(self.store, config.retention, self.reactor, self.audit)
             self.retention.setServiceParent(self)
         try:
             self._arrange(self.channels)

@@ -29,13 +29,21 @@ def report(counts, dry_run: bool = False) -> list[str]:
     return lines + [f"total: {sum(counts.values())} message(s){tail}"]
 
 
+def summary(counts) -> dict:
+    """What a prune removed, for its audit event: counts only."""
+    return {"contents_removed": sum(n for (_, _, kind), n in counts.items() if kind == CONTENT),
+            "messages_deleted": sum(n for (_, _, kind), n in counts.items() if kind == DELETE),
+            "by_channel_state": {f"{channel or '(none)'}/{state}/{kind}": n
+                                 for (channel, state, kind), n in sorted(counts.items(), key=str)}}
+
+
 class RetentionService(service.Service):
     """Runs the rules every `schedule`; a run in progress ends after its batch when the engine stops."""
 
     name = "retention"
 
-    def __init__(self, store, config: RetentionConfig, reactor):
-        self.store, self.config, self.reactor = store, config, reactor
+    def __init__(self, store, config: RetentionConfig, reactor, audit=None):
+        self.store, self.config, self.reactor, self.audit = store, config, reactor, audit
         self._loop = task.LoopingCall(self._run)
         self._loop.clock = reactor
         self._running = None
@@ -65,3 +73,9 @@ class RetentionService(service.Service):
                      channel=channel or "(none)", state=state, count=counts[channel, state, kind],
                      what="deleted" if kind == DELETE else "removed the contents of")
         self._running = None
+        if counts and self.audit is not None:
+            audit = self.audit
+            d = threads.deferToThread(audit.record, "retention.pruned", actor=audit.actor, object_type="store",
+                                      object_id=audit.chain, source=audit.source, detail=summary(counts))
+            d.addErrback(lambda f: log.error("could not audit the retention run: {error}",
+                                             error=f.getErrorMessage()))

@@ -171,3 +171,38 @@ def test_verify_without_the_checkpoint_says_what_it_cannot_rule_out(configured, 
     assert_one_line_error(result, "audit trail NOT intact: 1 problem(s)")
     assert result.stdout == (f"truncated: no audit checkpoint at {tmp_path}/cp.json: rows cut off the end "
                              "of a chain cannot be ruled out (the engine writes it while it runs)\n")
+
+
+def test_viewing_replaying_and_pruning_are_audited_with_who_asked(tmp_path, engine_factory):
+    import getpass
+
+    setup = Setup(tmp_path, engine_factory)
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port))
+        setup.start()
+        assert setup.send(adt_a01("SEEN1"))[0][0] == "AA"
+        setup.wait(lambda: setup.store.count_messages(state="sent") == 1, what="sent")
+        message = setup.store.list_messages(limit=1)[0]
+        config = setup.engine.config_path
+        for flags in ([], ["--raw"], ["--json"]):
+            assert cli("messages", "show", message["id"], *flags, "--config", config, cwd=tmp_path).returncode == 0
+        assert cli("replay", message["id"], "--dry-run", "--config", config, cwd=tmp_path).returncode == 0
+        replayed = cli("replay", message["id"], "--config", config, cwd=tmp_path)
+        assert replayed.returncode == 0, replayed.stderr
+        setup.wait(lambda: len(downstream.received) == 2, what="the replayed message downstream")
+    with open(config, "a") as f:
+        f.write('[[retention.rules]]\nchannel = "*"\nstates = ["sent"]\ncontent_after = "1ms"\ndelete_after = "1d"\n')
+    pruned = cli("db", "prune", "--config", config, cwd=tmp_path)
+    assert pruned.returncode == 0, pruned.stderr
+    events = [e for e in audit_rows(setup.engine.store_url) if e["actor"] == getpass.getuser()]
+    assert [(e["action"], e["object_id"]) for e in events[:5]] == [
+        ("content.viewed", str(message["id"]))] * 3 + [("message.replay_previewed", "dry-run"),
+                                                        ("message.replayed", "1")]
+    assert [e["action"] for e in events[5:]] == ["retention.pruned"]
+    views = [json.loads(e["detail"])["view"] for e in events[:3]]
+    assert views == ["text", "raw", "json"]
+    assert {e["correlation_id"] for e in events[:3]} == {message["correlation_id"]}
+    assert json.loads(events[4]["detail"])["messages"] == 1
+    assert json.loads(events[5]["detail"])["contents_removed"] == 1
+    assert all(e["source"].startswith("cli@") for e in events)
+    assert "SEEN1" not in json.dumps(events) and "DOE" not in json.dumps(events)
