@@ -103,8 +103,12 @@ class EngineProcess:
         self.config_path = workdir / "engine.toml"
         self.log_path = workdir / "engine.log"
         settings = {"name": "test", "host": "127.0.0.1", "port": 0} | (listener or {})
+        # Absolute paths, as for the store: commands run against this config from any folder.
+        own = [f'[{table}]\n{key} = "{workdir / "var" / name}"' for table, key, name in
+               (("keys", "file", "keys.json"), ("audit", "checkpoint_file", "audit-checkpoint.json"))
+               if f"[{table}]" not in extra]
         lines = ["[engine]", *(f'{k} = "{v}"' for k, v in ({"log_level": "debug"} | (engine or {})).items()),
-                 "[store]", f'url = "{store_url}"', extra, "[[listeners]]"]
+                 "[store]", f'url = "{store_url}"', *own, extra, "[[listeners]]"]
         for key, value in settings.items():
             lines.append(f"{key} = {_toml(value)}")
         self.config_path.write_text("\n".join(lines).replace("'", '"') + "\n")

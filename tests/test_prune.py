@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from interface_engine import hl7
+from interface_engine import hl7, keys
 from interface_engine.mllp import MLLPClient
 from interface_engine.store import (Attempt, Incoming, NewDelivery, Processed, QUEUED, RECEIVED, Store,
                                     utcnow)
@@ -77,7 +77,7 @@ def populated(store_url, tmp_path):
     # dead, but another delivery is still queued: a rule naming dead alone must keep it
     ids["adt-dead-100-pending"] = (stored(store, "adt", "dead", 100, "DP", also_queued=True), "kept")
     config = tmp_path / "engine.toml"
-    config.write_text(f'[store]\nurl = "{store_url}"\n' + POLICY)
+    config.write_text(f'[store]\nurl = "{store_url}"\n[keys]\nfile = "{keys.create(tmp_path / "keys.json").path}"\n' + POLICY)
     yield store, ids, config
     store.close()
 

@@ -5,6 +5,8 @@ from datetime import timedelta
 
 import pytest
 
+from interface_engine import keys
+
 from interface_engine.store import Attempt, Incoming, NewDelivery, Processed, Store
 from interface_engine.store.store import utcnow
 from tests.messages import adt_a01
@@ -40,7 +42,7 @@ def busy(store_url, tmp_path):
                 next_attempt_at=now + timedelta(minutes=1)),
     ])
     config = tmp_path / "engine.toml"
-    config.write_text(f'[store]\nurl = "{store_url}"\n')
+    config.write_text(f'[store]\nurl = "{store_url}"\n[keys]\nfile = "{keys.create(tmp_path / "keys.json").path}"\n')
     yield store, config, {"sent": sent, "filtered": filtered}
     store.close()
 
