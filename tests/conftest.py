@@ -108,7 +108,7 @@ class EngineProcess:
                (("keys", "file", "keys.json"), ("audit", "checkpoint_file", "audit-checkpoint.json"))
                if f"[{table}]" not in extra]
         lines = ["[engine]", *(f'{k} = "{v}"' for k, v in ({"log_level": "debug"} | (engine or {})).items()),
-                 "[store]", f'url = "{store_url}"', *own, extra, "[[listeners]]"]
+                 "[store]", f'url = "{store_url}"', extra, *own, "[[listeners]]"]
         for key, value in settings.items():
             lines.append(f"{key} = {_toml(value)}")
         self.config_path.write_text("\n".join(lines).replace("'", '"') + "\n")
