@@ -165,3 +165,31 @@ def engine_factory(tmp_path):
     for engine in started:
         if engine.proc and engine.proc.poll() is None:
             engine.kill()
+    for engine in started:
+        leaked = leaks(engine.log())
+        assert not leaked, f"patient data in the engine's log, as {leaked}"
+
+
+#: The synthetic patient of tests/messages.py: identifier and name. The engine logs
+#: ids, types and peers, never content; none of these may appear in its log in any form.
+CANARIES = ("MRN100001", "DOE^JANE")
+
+
+def canary_forms(value: str) -> dict[str, str]:
+    """A value as it could leak: clear, HL7-escaped, hex, and base64 at each alignment."""
+    import base64
+
+    data = value.encode()
+    forms = {"clear": value, "escaped": value.replace("^", "\\S\\"), "hex": data.hex(),
+             "HEX": data.hex().upper()}
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + data).decode()
+        # Characters fed partly by the padding bytes or by what follows are unstable: keep the core.
+        start = (shift * 4 + 2) // 3 + (1 if shift else 0)
+        forms[f"base64+{shift}"] = encoded[start:start + (len(data) * 4) // 3 - 3]
+    return forms
+
+
+def leaks(text: str) -> list[str]:
+    return [f"{value} {kind}" for value in CANARIES for kind, form in canary_forms(value).items()
+            if len(form) >= 6 and form in text]
