@@ -50,9 +50,9 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ingest import (FRAME_BYTES, FRAME_TEMPLATE, HOST, REPO, Sender, TargetFailed, code_version, fmt,
-                    free_port, host_cpu_ticks, log_tail, machine_info, percentile, process_cpu_seconds,
-                    subprocess_target, text_table, toml_string)
+from ingest import (FRAME_BYTES, FRAME_TEMPLATE, HOST, REPO, Sender, TargetFailed, code_version,
+                    fmt, free_port, host_cpu_ticks, log_tail, machine_info, own_files, percentile,
+                    process_cpu_seconds, subprocess_target, text_table, toml_string)
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_CHANNEL = REPO / "channels" / "adt.toml"
@@ -184,9 +184,7 @@ def channel_engine(variant: str, workdir: Path, receiver_port: int):
     config.write_text(
         "[engine]\n"
         'log_level = "warn"\n'
-        f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
-        f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
-        f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n"
+        + own_files(workdir) +
         "[store]\n"
         f"url = {toml_string(f'sqlite:///{store}')}\n"
         "[channels]\n"

@@ -45,8 +45,8 @@ from datetime import datetime
 from pathlib import Path
 
 from ingest import (FRAME_TEMPLATE, HOST, REPO, TargetFailed, TargetSkipped, code_version, fmt,
-                    free_port, host_cpu_ticks, machine_info, process_cpu_seconds, run_phase,
-                    subprocess_target, text_table, toml_string)
+                    free_port, host_cpu_ticks, machine_info, own_files, process_cpu_seconds,
+                    run_phase, subprocess_target, text_table, toml_string)
 from e2e import toml_text
 
 sys.path.insert(0, str(REPO))
@@ -111,9 +111,7 @@ def fhir_engine(workdir: Path, base: str):
     config = workdir / "engine.toml"
     config.write_text(
         '[engine]\nlog_level = "warn"\n'
-        f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
-        f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
-        f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n"
+        + own_files(workdir) +
         f"[store]\nurl = {toml_string(f'sqlite:///{store}')}\n"
         f"[channels]\ndirectory = {toml_string(str(channels))}\n"
         f"mappings = {toml_string(str(REPO / 'mappings'))}\n")

@@ -27,7 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-from ingest import FRAME_TEMPLATE, HOST, code_version, free_port, machine_info, percentile, subprocess_target, toml_string
+from ingest import (FRAME_TEMPLATE, HOST, code_version, free_port, machine_info, own_files,
+                    percentile, subprocess_target, toml_string)
 
 SLOW_FRAME_START = b"\x0bMSH|^~\\&|"
 
@@ -37,9 +38,7 @@ def engine_config(workdir: Path, port: int, cap: int) -> Path:
     config = workdir / "engine.toml"
     config.write_text(
         '[engine]\nlog_level = "warn"\n'
-        f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
-        f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
-        f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n"
+        + own_files(workdir) +
         f"[store]\nurl = {toml_string('sqlite:///' + str(workdir / 'store.db'))}\n"
         f"[channels]\ndirectory = {toml_string(str(workdir / 'no-channels'))}\n"
         f'[[listeners]]\nname = "flood"\nhost = "{HOST}"\nport = {port}\n'

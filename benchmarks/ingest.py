@@ -386,6 +386,17 @@ def subprocess_target(name: str, argv: list[str], port: int, workdir: Path):
                     print(f"  !! {name} exited with status {proc.returncode} after SIGTERM:\n{log_tail(log_path)}")
 
 
+def own_files(workdir: Path) -> str:
+    """Config lines that keep an engine's pid file, key file and audit checkpoint in `workdir`.
+
+    Benchmarks run the engine from the repository root: without these it would use
+    (and leave behind) the checkout's var/. Follows an [engine] table's keys.
+    """
+    return (f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
+            f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
+            f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n")
+
+
 def toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -400,15 +411,13 @@ def engine(name: str, store_url: str, workdir: Path):
     config.write_text(
         "[engine]\n"
         'log_level = "warn"\n'
-        f"pid_file = {toml_string(str(workdir / 'engine.pid'))}\n"
-        f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n"
+        + own_files(workdir) +
         "[store]\n"
         f"url = {toml_string(store_url)}\n"
         # No channels: the benchmark measures ingest alone, and runs from the repository
         # root, whose sample channels name listeners this config does not have.
         "[channels]\n"
         f"directory = {toml_string(str(channels))}\n"
-        f"[keys]\nfile = {toml_string(str(workdir / 'keys.json'))}\n"
         "[[listeners]]\n"
         'name = "bench"\n'
         f"host = {toml_string(HOST)}\n"
