@@ -22,6 +22,7 @@ enforced.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ingest import scratch_schema  # noqa: E402
 from interface_engine import keys  # noqa: E402
 from interface_engine.audit import AuditTrail, write_checkpoint  # noqa: E402
 from interface_engine.store import Store  # noqa: E402
@@ -97,9 +99,11 @@ def main() -> int:
     if args.write_cost:
         write_cost()
         return 0
-    with tempfile.TemporaryDirectory(prefix="ie-bench-audit-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ie-bench-audit-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         url = args.store_url or f"sqlite:///{work / 'store.db'}"
+        if url.startswith("postgresql"):
+            url = stack.enter_context(scratch_schema(url, "bench_audit"))
         key_file = keys.create(work / "keys.json")
         config = work / "engine.toml"
         config.write_text(f'[engine]\nnode = "bench"\n[store]\nurl = {json.dumps(url)}\n'

@@ -397,6 +397,23 @@ def own_files(workdir: Path) -> str:
             f"[audit]\ncheckpoint_file = {toml_string(str(workdir / 'audit-checkpoint.json'))}\n")
 
 
+@contextlib.contextmanager
+def scratch_schema(url: str, prefix: str):
+    """`url` pointed at a new schema of its own in that PostgreSQL database, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+
 def toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 

@@ -23,13 +23,13 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ingest import scratch_schema  # noqa: E402
 from interface_engine import hl7  # noqa: E402
 from interface_engine.hl7.patients import patient_ids  # noqa: E402
 from interface_engine.keys import Keys  # noqa: E402
@@ -218,18 +218,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         measure("SQLite", f"sqlite:///{folder}/search.db", args.messages, args.lookups, keys)
     if args.postgres != "none":
-        import psycopg
-
-        schema = f"bench_search_{uuid.uuid4().hex[:10]}"
-        admin = psycopg.connect(args.postgres.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
-        admin.execute(f"CREATE SCHEMA {schema}")
-        try:
-            sep = "&" if "?" in args.postgres else "?"
-            measure("PostgreSQL", f"{args.postgres}{sep}options=-csearch_path%3D{schema}",
-                    args.messages, args.lookups, keys)
-        finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
-            admin.close()
+        with scratch_schema(args.postgres, "bench_search") as url:
+            measure("PostgreSQL", url, args.messages, args.lookups, keys)
 
 
 if __name__ == "__main__":
