@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from interface_engine.store import Store
 from interface_engine.store.replay import get_replay
 from interface_engine.store.schema import messages
-from tests.fhir.test_fhir_e2e import ROOT as PROJECT, patients, search, send, settled
+from tests.fhir.test_fhir_e2e import fhir_engine, patients, search, send, settled  # noqa: F401 (fixture)
 from tests.messages import adt_a01, oru_r01
 from tests.receiver import Receiver
 from tests.test_channels_e2e import Setup
@@ -196,25 +196,8 @@ def test_a_message_whose_contents_were_pruned_cannot_be_replayed(engine):
     assert engine.store.count_deliveries() == 3
 
 
-def test_replayed_fhir_messages_create_no_duplicates(tmp_path, engine_factory, fhir_server):
-    channels = tmp_path / "channels"
-    channels.mkdir()
-    (channels / "fhir.toml").write_text(f"""
-name = "to-fhir"
-timezone = "America/New_York"
-[source]
-type = "mllp"
-listener = "test"
-message_types = ["ADT", "ORU"]
-[[destinations]]
-name = "fhir"
-type = "fhir"
-url = "{fhir_server}"
-template = "fhir/v2-to-fhir.fhir.json.j2"
-timeout = "10s"
-""")
-    engine = engine_factory(extra=f'[channels]\ndirectory = "{channels}"\nmappings = "{PROJECT / "mappings"}"\n')
-    engine.fhir, engine.store = fhir_server, Store(engine.store_url)
+def test_replayed_fhir_messages_create_no_duplicates(fhir_engine):
+    engine = fhir_engine
     mrn, order = f"MRN{uuid.uuid4().hex[:10].upper()}", f"ORD{uuid.uuid4().hex[:8].upper()}"
     send(engine, adt_a01("FR1", mrn=mrn), oru_r01("FR2", mrn=mrn, order=order))
     settled(engine, 2)
