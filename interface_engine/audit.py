@@ -553,12 +553,21 @@ def _classify(trail: AuditTrail, conn, state: _ChainState, row, key: bytes) -> P
 
 
 def open_trail(config):
-    """The store and this node's trail for a CLI command; raises StoreError / KeyFileError."""
+    """The store, able to open contents, and this node's trail for a CLI command.
+
+    Raises StoreError / KeyFileError. A key file without a data key (from before
+    contents were encrypted) can still read contents stored in clear.
+    """
     from . import keys
     from .store import Store
 
-    trail = AuditTrail(keys.load(config.keys_file).audit, config.node)
-    store = Store(config.store.url, duplicate_window=config.store.duplicate_window, audit=trail)
+    from .store.cipher import Cipher
+
+    found = keys.load(config.keys_file)
+    trail = AuditTrail(found.audit, config.node)
+    cipher = Cipher(found, reload=lambda: keys.load(config.keys_file)) if found.active else None
+    store = Store(config.store.url, duplicate_window=config.store.duplicate_window, audit=trail,
+                  cipher=cipher)
     store.check_schema(upgrade_empty=False)
     return store, trail
 

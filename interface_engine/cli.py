@@ -402,7 +402,7 @@ def _jsonable(row: dict) -> dict:
 
 @main.group()
 def keys():
-    """Manage the engine's key file (patient index and audit keys)."""
+    """Manage the engine's key file: patient index, audit and data keys."""
 
 
 @keys.command("init")
@@ -415,6 +415,55 @@ def keys_init(config_path):
     config = config_module.load(config_path)
     key_file.create(config.keys_file)
     click.echo(f"created {config.keys_file} (mode 0600); back it up apart from the store")
+
+
+@keys.command("list")
+@config_option
+@user_errors
+def keys_list(config_path):
+    """The data keys: when each was made, which seals new writes, how many stored values each seals.
+
+    Never prints a key.
+    """
+    from .rotation import listing
+
+    for line in listing(config_module.load(config_path)):
+        click.echo(line)
+
+
+@keys.command("rotate")
+@click.option("--resume", is_flag=True, help="Add no key: finish a rotation that was interrupted.")
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
+              help="Values sealed per transaction.")
+@config_option
+@user_errors
+def keys_rotate(resume, batch, config_path):
+    """Add a data key for new writes and seal every stored content with it.
+
+    Safe while the engine runs: it takes up the new key within seconds and goes on;
+    the batches are short transactions. If interrupted, run it again with --resume.
+    Retire the old key (`keys retire`) once `keys list` shows it seals nothing.
+    """
+    from .rotation import RotationError, rotate
+
+    try:
+        rotate(config_module.load(config_path), resume=resume, batch=batch, say=click.echo)
+    except RotationError as e:
+        raise Failure(str(e)) from None
+
+
+@keys.command("retire")
+@click.argument("key_id")
+@config_option
+@user_errors
+def keys_retire(key_id, config_path):
+    """Remove a data key from the key file, once no stored value is sealed with it."""
+    from .rotation import RotationError, retire
+
+    try:
+        click.echo(retire(config_module.load(config_path), key_id))
+    except RotationError as e:
+        raise Failure(str(e)) from None
 
 
 @main.group()
@@ -542,6 +591,7 @@ def replay(message_ids, ids_from, destinations, mapping, dry_run, rate, config_p
     """
     import time
 
+    from .audit import FAILURE, SUCCESS, cli_actor, open_trail
     from .engine import load_channel_set
     from .replay import Replay, ReplayError, read_ids
 
@@ -551,7 +601,7 @@ def replay(message_ids, ids_from, destinations, mapping, dry_run, rate, config_p
             lines = sys.stdin.readlines() if ids_from == "-" else Path(ids_from).read_text().splitlines()
         ids, selection = read_ids(message_ids, lines, ids_from and ("stdin" if ids_from == "-" else ids_from))
         config = config_module.load(config_path)
-        store = _open_store(config_path)
+        store, trail = open_trail(config)
         channels, mappings = load_channel_set(config)
         charsets = {"default_charset": config.hl7.default_charset,
                     "fallback_charset": config.hl7.fallback_charset}
@@ -559,9 +609,6 @@ def replay(message_ids, ids_from, destinations, mapping, dry_run, rate, config_p
         selected = job.select(ids)
     except ReplayError as e:
         raise Failure(str(e)) from None
-    from .audit import FAILURE, SUCCESS, cli_actor, open_trail
-
-    _, trail = open_trail(config)
     actor, source = cli_actor()
     tally = job.tally
     if dry_run:

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from twisted.application import service
+from twisted.application import internet, service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
@@ -34,6 +34,7 @@ from .ingest import Ingest
 from .mllp.listener import ListenerService, MLLPListenerFactory
 from .retention import RetentionService
 from .store import GroupCommitter, Store
+from .store.cipher import Cipher
 
 log = Logger()
 
@@ -42,6 +43,8 @@ SHUTDOWN_GRACE = 10.0
 # with Python's default 5 ms switch interval that hand-over alone can add
 # milliseconds to every ACK.
 GIL_SWITCH_INTERVAL = 0.0005
+#: How often the key file is looked at: a rotation is taken up within this many seconds.
+KEY_FILE_POLL = 2.0
 
 
 def load_channel_set(config: EngineConfig) -> tuple[list[ChannelConfig], Mappings]:
@@ -77,12 +80,15 @@ class Engine(service.MultiService):
         config = self.config
         self.channels, mappings = load_channel_set(config)
         self.keys, created = keys.load_or_create(config.keys_file)
+        self._keys_seen = _file_stamp(config.keys_file)
+        self.cipher = Cipher(self.keys, reload=lambda: keys.load(config.keys_file))
         prepare_sqlite_file(config.store.url)
         self.audit = AuditTrail(self.keys.audit, config.node)
         self.refusals = RefusalAudit(self.audit, self.reactor)
         self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window,
-                           audit=self.audit, node=config.node)
+                           audit=self.audit, node=config.node, cipher=self.cipher)
         self.store.check_schema()
+        internet.TimerService(KEY_FILE_POLL, self.watch_keys).setServiceParent(self)
         self.audit.record("config.loaded", actor=self.audit.actor, object_type="config",
                           object_id=config.path, source=self.audit.source,
                           detail={"channels": [c.name for c in self.channels]})
@@ -110,8 +116,8 @@ class Engine(service.MultiService):
         self.checkpoints.start()
         self._write_pid()
         if created:
-            log.info("created the key file {path} (mode 0600); back it up apart from the store",
-                     path=config.keys_file)
+            log.info("{done} the key file {path} (mode 0600); back it up apart from the store",
+                     done=created, path=config.keys_file)
         log.info("engine started: {listeners} listener(s), {channels} channel(s), store {kind}",
                  listeners=len(self.listeners), channels=len(self.channels),
                  kind=config.store.url.split(":")[0])
@@ -175,8 +181,27 @@ class Engine(service.MultiService):
                 self.sources[name] = source
                 source.setServiceParent(self)
 
+    def watch_keys(self):
+        """Take up a changed key file: after `keys rotate`, new writes use the new data key."""
+        path = self.config.keys_file
+        stamp = _file_stamp(path)
+        if stamp is None or stamp == self._keys_seen:
+            return
+        self._keys_seen = stamp
+        try:
+            found = keys.load(path)
+            before = self.cipher.active
+            self.cipher.use(found)
+        except keys.KeyFileError as e:
+            log.error("the key file changed and cannot be used, the keys in use stay: {error}", error=str(e))
+            return
+        if found.active != before:
+            log.info("data key {key} now seals what is stored (was {before})", key=found.active,
+                     before=before)
+
     def reload(self):
-        """Re-read the channel files; keep the running set if the new one does not validate."""
+        """Re-read the channel files and the key file; keep the running set if the new one does not validate."""
+        self.watch_keys()
         try:
             channels, mappings = load_channel_set(self.config)
         except (ConfigError, OSError) as e:
@@ -253,3 +278,11 @@ class Engine(service.MultiService):
         except OSError:
             pass
         log.info("engine stopped")
+
+
+def _file_stamp(path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino

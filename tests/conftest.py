@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from interface_engine import keys
+from interface_engine.config import load as load_config
+from interface_engine.store import Store
+from interface_engine.store.cipher import Cipher
 from tests.fhir_server import fhir_server  # noqa: F401  (the real FHIR test server, session-wide)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +138,13 @@ class EngineProcess:
 
     def log(self) -> str:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+    def open_store(self, **options) -> Store:
+        """The engine's store with its key file, as the CLI opens it: contents readable."""
+        config = load_config(self.config_path)
+        found = keys.load(config.keys_file)
+        return Store(self.store_url, cipher=Cipher(found, reload=lambda: keys.load(config.keys_file)),
+                     **options)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

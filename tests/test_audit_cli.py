@@ -50,7 +50,7 @@ def test_a_message_through_a_real_engine_is_audited_without_its_content(
         extra = (f'[channels]\ndirectory = "{setup.channels}"\nmappings = "{setup.mappings}"\n'
                  '[audit]\ncheckpoint_interval = "200ms"\n')
         engine = engine_factory(store_url=url, extra=extra)
-        setup.engine, setup.store = engine, Store(engine.store_url)
+        setup.engine, setup.store = engine, engine.open_store()
         assert setup.send(adt_a01("AUD1")) == [("AA", "AUD1", "")]
         setup.wait(lambda: setup.store.count_messages(state="sent") == 1, what="sent")
         checkpoint = tmp_path / "var" / "audit-checkpoint.json"

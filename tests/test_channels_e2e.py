@@ -33,7 +33,7 @@ class Setup:
     def start(self, **listener):
         extra = f'[channels]\ndirectory = "{self.channels}"\nmappings = "{self.mappings}"\n'
         self.engine = self.engine_factory(listener=listener or None, extra=extra)
-        self.store = Store(self.engine.store_url)
+        self.store = self.engine.open_store()
         return self.engine
 
     def send(self, *messages: bytes) -> list[tuple[str, str, str]]:
@@ -310,7 +310,7 @@ def test_sigkill_during_delivery_loses_nothing_and_repeats_at_most_the_one_in_fl
         setup.channel("adt", adt_channel(downstream.port))
         extra = f'[channels]\ndirectory = "{setup.channels}"\nmappings = "{setup.mappings}"\n'
         engine = engine_factory(store_url=store_url, extra=extra)
-        setup.engine, setup.store = engine, Store(engine.store_url)
+        setup.engine, setup.store = engine, engine.open_store()
         assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * count
         setup.wait(lambda: len(downstream.received) >= count // 3, what="deliveries under way")
         engine.kill()

@@ -48,7 +48,7 @@ def test_every_corpus_message_is_answered_and_stored_byte_for_byte(corpus, engin
                 if code in ("AR", "CR", "AE", "CE"):
                     assert ack["MSA-3"] and ack.segment("ERR") is not None, name
                 sent.append((name, part, code))
-    store = Store(engine.store_url)
+    store = engine.open_store()
     rows = store.list_messages(limit=10_000)
     assert len(rows) == len(sent)
     stored = {store.get_message(r["id"])["raw"] for r in rows}

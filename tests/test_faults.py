@@ -44,7 +44,7 @@ def test_reads_pause_while_the_store_is_locked_and_everything_is_answered_after(
     for t in senders:
         t.join(60)
     assert all(results[n] == [f"P{n}-{i}" for i in range(100)] for n in range(4))
-    assert Store(engine.store_url).count_messages(state="received") == 400
+    assert engine.open_store().count_messages(state="received") == 400
     assert engine.stop() == 0
     assert "pausing reads" in engine.log()
 

@@ -22,7 +22,7 @@ def test_an_existing_key_file_is_never_replaced(tmp_path):
     with pytest.raises(keys.KeyFileError, match="already there"):
         keys.create(tmp_path / "keys.json")
     assert keys.load(tmp_path / "keys.json") == first
-    assert keys.load_or_create(tmp_path / "keys.json") == (first, False)
+    assert keys.load_or_create(tmp_path / "keys.json") == (first, None)
 
 
 def test_patient_hash_is_stable_keyed_and_not_the_identifier(tmp_path):

@@ -48,7 +48,7 @@ def test_too_many_segments_or_repetitions_is_refused_and_kept(engine_factory):
     assert answer(engine.port, limits_message("OK-REPS", repetitions=5))[0] == "AA"
     code, reason = answer(engine.port, limits_message("TOO-MANY-REPS", repetitions=6))
     assert (code, reason) == ("AR", "a field of PID has more than 5 repetitions")
-    store = Store(engine.store_url)
+    store = engine.open_store()
     rows = {r["control_id"]: r["state"] for r in store.list_messages()}
     assert rows == {"OK-10": "received", "TOO-MANY-SEGS": "rejected", "OK-REPS": "received",
                     "TOO-MANY-REPS": "rejected"}
@@ -79,7 +79,7 @@ def test_a_peer_not_on_the_allow_list_is_closed_on_accept(engine_factory):
     allowed.close()
     assert "refused connection from 127.0.0.1: not on the allowed_peers of listener test" in engine.log()
     assert "NOT-ALLOWED" not in engine.log()
-    store = Store(engine.store_url)
+    store = engine.open_store()
     query = sa.text("SELECT object_id, source, detail FROM audit_events WHERE action = 'auth.failed'")
     deadline = time.monotonic() + 5
     while True:

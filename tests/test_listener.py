@@ -95,7 +95,7 @@ class Steady:
 
 
 def test_ack_only_after_the_message_is_committed(engine):
-    store = Store(engine.store_url)
+    store = engine.open_store()
     with MLLPClient("127.0.0.1", engine.port) as c:
         for i in range(20):
             raw = adt_a01(f"C{i}")
@@ -140,7 +140,7 @@ def test_unfinished_frame_is_closed_at_the_deadline_and_nothing_is_stored(engine
         started = time.monotonic()
         assert closed_by_peer(s)
         assert 0.8 < time.monotonic() - started < 3
-    assert Store(engine.store_url).count_messages(control_id="NEVERENDS") == 0
+    assert engine.open_store().count_messages(control_id="NEVERENDS") == 0
 
 
 def test_frame_without_end_block_then_close(engine):
@@ -148,7 +148,7 @@ def test_frame_without_end_block_then_close(engine):
         with raw_socket(engine) as s:
             s.sendall(b"\x0b" + adt_a01("HALF"))
         time.sleep(0.3)
-    assert Store(engine.store_url).count_messages(control_id="HALF") == 0
+    assert engine.open_store().count_messages(control_id="HALF") == 0
 
 
 def test_oversized_frame_gets_ar_and_the_connection_is_closed(engine):
@@ -184,7 +184,7 @@ def test_not_hl7_is_rejected_with_a_reason_and_still_stored(engine):
     with MLLPClient("127.0.0.1", engine.port) as c:
         code, _, reason = msa(c.send(junk))
     assert code == "AR" and "MSH" in reason
-    store = Store(engine.store_url)
+    store = engine.open_store()
     row = store.list_messages(limit=1)[0]
     assert row["state"] == "rejected" and store.get_message(row["id"])["raw"] == junk
 
@@ -196,7 +196,7 @@ def test_duplicates_are_answered_from_the_store_and_conflicts_get_ae(engine):
         conflict = msa(c.send(adt_a01("DUP1", family="OTHER")))
     assert again == first
     assert conflict[0] == "AE" and "different content" in conflict[2]
-    store = Store(engine.store_url)
+    store = engine.open_store()
     assert store.count_messages(control_id="DUP1", state="received") == 1
     assert store.count_messages(control_id="DUP1", state="rejected") == 1
     assert engine.stop() == 0
@@ -216,7 +216,7 @@ def test_batch_gets_one_answer_per_message(engine):
     with MLLPClient("127.0.0.1", engine.port) as c:
         answer = c.send(batch)
     assert [msa(part)[:2] for part in hl7.split_messages(answer)] == [("AA", "B1"), ("AA", "B2")]
-    store = Store(engine.store_url)
+    store = engine.open_store()
     assert store.count_messages(control_id="B1") == store.count_messages(control_id="B2") == 1
 
 

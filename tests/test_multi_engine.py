@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from interface_engine import hl7
 from interface_engine.mllp import MLLPClient, MLLPError
 from interface_engine.mllp.framing import END_BLOCK, START_BLOCK
-from interface_engine.store import Incoming, Store
+from interface_engine.store import Incoming
 from interface_engine.store.schema import deliveries, messages, queue_leases
 from tests.messages import adt_a01, oru_r01
 from tests.receiver import Receiver
@@ -50,12 +50,14 @@ class Cluster:
         (mappings / "forward.hl7.j2").write_text("{{ msg | hl7_set('MSH-5', 'DOWNSTREAM') }}\n")
         for kind, queue in zip(KINDS, QUEUES):
             (channels / f"{queue[0]}.toml").write_text(channel(kind, self.receivers[queue].port))
-        extra = f'[channels]\ndirectory = "{channels}"\nmappings = "{mappings.parent}"\n'
+        # One key file for both, as for engines in production: each reads what the other sealed.
+        extra = (f'[channels]\ndirectory = "{channels}"\nmappings = "{mappings.parent}"\n'
+                 f'[keys]\nfile = "{tmp_path / "keys.json"}"\n')
         self.engines = {n: engine_factory(store_url=store_url, extra=extra, workdir=tmp_path / n,
                                           engine={"node": n, "queue_lease": f"{LEASE}s",
                                                   "log_level": "info"})
                         for n in ("a", "b")}
-        self.store = Store(store_url)
+        self.store = self.engines["a"].open_store()
 
     def close(self):
         for e in self.engines.values():
@@ -171,7 +173,7 @@ def test_a_killed_engine_s_queues_and_messages_are_taken_over(cluster, postgres_
     cluster.engines["b"].kill()
     killed = time.monotonic()
     # What a crash can leave besides: messages b stored and answered, not yet through their channel.
-    b_store = Store(postgres_url, node="b")
+    b_store = cluster.engines["b"].open_store(node="b")
     left = [f"LEFT-{i:02d}" for i in range(20)]
     b_store.write([Incoming(message("ADT", cid), "test", "127.0.0.1", "received", b"AA", channel="adt",
                             message_type="ADT", control_id=cid) for cid in left])

@@ -11,7 +11,6 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from interface_engine.store import Store
 from interface_engine.store.replay import get_replay
 from interface_engine.store.schema import messages
 from tests.fhir.test_fhir_e2e import fhir_engine, patients, search, send, settled  # noqa: F401 (fixture)
@@ -56,7 +55,7 @@ def engine(tmp_path, engine_factory, store_url):
         setup.channel("adt", three_destinations(downstream.port, tmp_path))
         extra = f'[channels]\ndirectory = "{setup.channels}"\nmappings = "{setup.mappings}"\n'
         setup.engine = engine_factory(store_url=store_url, extra=extra)
-        setup.store = Store(store_url)
+        setup.store = setup.engine.open_store()
         yield setup
         setup.store.close()
 

@@ -168,8 +168,10 @@ class ChannelRuntime:
                                                own=own)
             if not rows:
                 break
-            for message_id, channel, raw in rows:
-                if channel in self.channels:
+            for message_id, channel, raw, unreadable in rows:
+                if unreadable:
+                    log.error("message {id} stays received: {error}", id=message_id, error=unreadable)
+                elif channel in self.channels:
                     self.received(message_id, raw, channel)
                     resumed += 1
                 after = message_id

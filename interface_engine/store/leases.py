@@ -27,7 +27,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .schema import RECEIVED, messages, nodes, queue_leases
-from .store import Store, utcnow
+from .store import Store, StoreError, utcnow
 
 Queue = tuple[str, str]   # (channel, destination)
 
@@ -186,24 +186,33 @@ class Leases:
     # -- reads, on a connection of their own ------------------------------------------------
 
     def waiting(self, node: str, channels: tuple[str, ...], stale_after: float, after_id: int = 0,
-                *, own: bool, limit: int = 500) -> list[tuple[int, str, bytes]]:
+                *, own: bool, limit: int = 500) -> list[tuple[int, str, bytes | None, str | None]]:
         """Messages stored for our channels but not through them yet, in id order.
 
         Those of nodes not seen for `stale_after` seconds (or never named), and with
         `own` ours too (left by this node's previous run). Another live node's are its
-        own business: its processor has them in hand.
+        own business: its processor has them in hand. Each is (id, channel, raw,
+        None), or (id, channel, None, why) for one whose raw cannot be opened.
         """
         with self.store._connect() as conn:
             live_since = self._now(conn) - timedelta(seconds=stale_after)
             query = (self._waiting(node, channels, live_since, own=own)
                      .where(messages.c.id > after_id).order_by(messages.c.id).limit(limit))
-            return [tuple(r) for r in conn.execute(query)]
+            rows = conn.execute(query).all()
+        found = []
+        for message_id, channel, raw, key_id in rows:
+            try:
+                found.append((message_id, channel, self.store.open(raw, key_id, "messages.raw",
+                                                                   message_id), None))
+            except StoreError as e:
+                found.append((message_id, channel, None, str(e)))
+        return found
 
     @staticmethod
     def _waiting(node: str, channels, live_since: datetime, *, own: bool):
         live = select(nodes.c.name).where(nodes.c.seen_at >= live_since)
         gone = sa.or_(messages.c.node.is_(None), messages.c.node.not_in(live))
-        return (select(messages.c.id, messages.c.channel, messages.c.raw)
+        return (select(messages.c.id, messages.c.channel, messages.c.raw, messages.c.raw_key)
                 .where(messages.c.state == RECEIVED,
                        messages.c.channel.in_(list(channels)),
                        sa.or_(gone, messages.c.node == node) if own

@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 
 from .schema import QUEUED, deliveries, messages, replays
+from .store import write_transaction
 
 
 @dataclass(slots=True)
@@ -64,10 +65,13 @@ def queue_replayed(store, replay_id: int, message_id: int, channel: str,
     """One message's new deliveries, the replay's counts and the message's state: one short transaction."""
     rows = [{"message_id": message_id, "channel": channel, "destination": item.destination,
              "state": QUEUED, "attempts": 0, "next_attempt_at": None, "target": item.target,
-             "output": item.output, "last_error": None, "response": None, "created_at": now,
-             "updated_at": now, "replay_of": item.replay_of, "replay_id": replay_id}
+             "output": item.output, "last_error": None, "response": None, "response_key": None,
+             "created_at": now, "updated_at": now, "replay_of": item.replay_of, "replay_id": replay_id}
             for item in items]
-    with store._connect() as conn, conn.begin():
+    with store._connect() as conn, write_transaction(conn):
+        for row, delivery_id in zip(rows, store.reserve_ids(conn, deliveries, len(rows))):
+            row["id"] = delivery_id
+            row["output"], row["output_key"] = store.seal(row["output"], "deliveries.output", delivery_id)
         conn.execute(insert(deliveries), rows)
         conn.execute(update(replays).where(replays.c.id == replay_id)
                      .values(messages=replays.c.messages + 1,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy import or_, select, update
 
 from .schema import PENDING_STATES, attempts, deliveries, messages, metadata
+from .store import write_transaction
 
 CONTENT, DELETE = "content", "delete"
 #: Between two batches on SQLite the write lock is left free this long. A writer that
@@ -101,7 +102,7 @@ def _batch(store, rule: Rule, where, kind: str, size: int, now: datetime, after_
     pending check is one query per batch rather than a probe per message, whose plan
     degrades badly while the queue index is full of rows that just left it.
     """
-    with store._connect() as conn, (nullcontext() if dry_run else _writing(conn)):
+    with store._connect() as conn, (nullcontext() if dry_run else write_transaction(conn)):
         query = (select(messages.c.id, messages.c.channel).where(where, messages.c.id > after_id)
                  .order_by(messages.c.id).limit(size))
         if conn.dialect.name != "sqlite" and not dry_run:
@@ -127,15 +128,6 @@ def _batch(store, rule: Rule, where, kind: str, size: int, now: datetime, after_
     return (rows[-1][0] if len(rows) == size else None), [r[1] for r in taken]
 
 
-@contextmanager
-def _writing(conn):
-    """A write transaction that takes SQLite's write lock at once: its reads and writes see one state."""
-    with conn.begin():
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        yield
-
-
 def _delete(conn, table: sa.Table, where):
     """Delete rows of `table` and, first, every row that references them, found by foreign key."""
     for child, fk in _referencing(table):
@@ -152,10 +144,10 @@ def _referencing(table: sa.Table):
 def _remove_contents(conn, ids: list[int], now: datetime):
     """Raw bytes, rendered outputs and far-side responses go; metadata, states and errors stay."""
     conn.execute(update(messages).where(messages.c.id.in_(ids))
-                 .values(raw=b"", content_removed_at=now))
+                 .values(raw=b"", raw_key=None, content_removed_at=now))
     conn.execute(update(deliveries).where(deliveries.c.message_id.in_(ids))
-                 .values(output=None, response=None))
+                 .values(output=None, output_key=None, response=None, response_key=None))
     conn.execute(update(attempts)
                  .where(attempts.c.delivery_id.in_(select(deliveries.c.id)
                                                    .where(deliveries.c.message_id.in_(ids))))
-                 .values(response=None))
+                 .values(response=None, response_key=None))

@@ -5,6 +5,10 @@ from sqlalchemy import (BigInteger, Column, DateTime, Float, ForeignKey, Index, 
 
 metadata = MetaData()
 
+#: Contents (raw, output, response) are sealed (store/cipher.py); the column beside each
+#: names the data key.
+_SEALED = "data key that sealed it; NULL: stored in clear"
+
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits.
 _Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -34,6 +38,7 @@ messages = Table(
     Column("size", Integer(), nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("raw", LargeBinary(), nullable=False, comment="the bytes exactly as received"),
+    Column("raw_key", String(16), comment=_SEALED),
     Column("ack", LargeBinary(), comment="the answer sent to the sender"),
     Column("duplicates", Integer(), nullable=False, default=0,
            comment="identical copies received later and answered from this row"),
@@ -59,8 +64,10 @@ deliveries = Table(
     Column("next_attempt_at", DateTime(), comment="UTC; NULL: at once"),
     Column("target", Text(), comment="where it goes, e.g. the file path"),
     Column("output", LargeBinary(), comment="the rendered payload; NULL if rendering failed"),
+    Column("output_key", String(16), comment=_SEALED),
     Column("last_error", Text()),
     Column("response", LargeBinary(), comment="the last answer from the far side"),
+    Column("response_key", String(16), comment=_SEALED),
     Column("created_at", DateTime(), nullable=False),
     Column("updated_at", DateTime(), nullable=False),
     Column("replay_of", _Id, ForeignKey("deliveries.id"), comment="the delivery this one repeats"),
@@ -81,6 +88,7 @@ attempts = Table(
     Column("outcome", String(16), nullable=False),
     Column("error", Text()),
     Column("response", LargeBinary()),
+    Column("response_key", String(16), comment=_SEALED),
     Index("ix_attempts_delivery", "delivery_id"),
 )
 

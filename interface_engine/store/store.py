@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from .cipher import Cipher, SealError
 from .schema import (DEAD, ERROR, FILTERED, PENDING_STATES, QUEUED, RECEIVED, REJECTED, SENT,
                      attempts, deliveries, message_patients, messages)
 
@@ -131,6 +133,19 @@ class _Original:
     ack: bytes
 
 
+@contextmanager
+def write_transaction(conn):
+    """A write transaction; on SQLite it takes the write lock at once.
+
+    Its reads and writes then see one state, and ids reserved in it (see
+    Store.reserve_ids) cannot be taken by another writer before it commits.
+    """
+    with conn.begin():
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        yield
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -157,8 +172,11 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 class Store:
     def __init__(self, url: str, *, duplicate_window: float = 86400.0, audit=None,
-                 node: str | None = None):
+                 node: str | None = None, cipher: Cipher | None = None):
         self.url = url
+        #: seals contents on write and opens them on read; without one, contents are written in
+        #: clear and a sealed one cannot be read (tools that only need metadata go without)
+        self.cipher = cipher
         #: an audit.AuditTrail: each write method records its events in the transaction of its change
         self.audit = audit
         #: the engine that writes through this store, recorded on each message it stores
@@ -168,9 +186,8 @@ class Store:
             self.engine = create_engine(url)
         except (SQLAlchemyError, ImportError, ValueError) as e:
             raise StoreError(f"cannot use store URL {_safe_url(url)}: {e}") from None
-        self._insert = insert(messages).returning(messages.c.id, sort_by_parameter_order=True)
         self._sqlite = self.engine.dialect.name == "sqlite"
-        self._columns = [c.name for c in messages.c if c.name != "id"]
+        self._columns = [c.name for c in messages.c]
         self._sqlite_insert = (f"INSERT INTO messages ({', '.join(self._columns)}) "
                                f"VALUES ({', '.join('?' * len(self._columns))})")
         dialect = self.engine.dialect
@@ -247,7 +264,7 @@ class Store:
         """
         now = now or utcnow()
         conn = self._writer()
-        with conn.begin():
+        with write_transaction(conn):
             earlier = self._earlier_copies(conn, batch, now)
             first_in_batch: dict[tuple, int] = {}
             copies: dict[int, _Original | int] = {}
@@ -272,7 +289,12 @@ class Store:
                 rows.append(_row(item, now, self.node))
                 slots.append(i)
             outcomes: list[Outcome | None] = [None] * len(batch)
-            ids = self._insert_rows(conn, rows) if rows else []
+            ids = self.reserve_ids(conn, messages, len(rows))
+            for row, message_id in zip(rows, ids):
+                row["id"] = message_id
+                row["raw"], row["raw_key"] = self.seal(row["raw"], "messages.raw", message_id)
+            if rows:
+                self._insert_rows(conn, rows)
             for i, message_id in zip(slots, ids):
                 outcomes[i] = Outcome(CONFLICT if i in conflicts else STORED, message_id, batch[i].ack,
                                       batch[i].state)
@@ -309,18 +331,46 @@ class Store:
             conn = self._write_conn = self._connect()
         return conn
 
-    def _insert_rows(self, conn, rows: list[dict]) -> list[int]:
+    def _insert_rows(self, conn, rows: list[dict]):
         if not self._sqlite:
-            return [r[0] for r in conn.execute(self._insert, rows)]
-        # One executemany through the driver costs a third of the generic multi-row
-        # INSERT ... RETURNING. One writer inside one transaction gets consecutive
-        # rowids, so the last one gives them all.
+            conn.execute(_INSERT_MESSAGES, rows)
+            return
+        # One executemany through the driver costs a third of SQLAlchemy's own.
         stamp = self._datetime
         conn.exec_driver_sql(self._sqlite_insert, [
             tuple(stamp(row[c]) if c == "received_at" else row[c] for c in self._columns)
             for row in rows])
-        last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
-        return list(range(last - len(rows) + 1, last + 1))
+
+    # -- sealed contents ----------------------------------------------------------
+
+    def reserve_ids(self, conn, table: sa.Table, count: int) -> list[int]:
+        """Ids for rows about to be inserted in `table`, in order, inside a write_transaction.
+
+        Contents are sealed with their row's id, so the id must be known first.
+        """
+        if not count:
+            return []
+        if self._sqlite:
+            top = conn.exec_driver_sql(f"SELECT COALESCE(MAX(id), 0) FROM {table.name}").scalar_one()
+            return list(range(top + 1, top + count + 1))
+        return sorted(conn.execute(_NEXT_IDS, {"table": table.name, "count": count}).scalars())
+
+    def seal(self, value: bytes | None, place: str, row_id: int) -> tuple[bytes | None, str | None]:
+        """(value to store, its key id): sealed when the store has a cipher."""
+        if value is None or self.cipher is None:
+            return value, None
+        return self.cipher.seal(value, place, row_id)
+
+    def open(self, value: bytes | None, key_id: str | None, place: str, row_id: int) -> bytes | None:
+        """A stored content as it was written; every reader of contents comes through here."""
+        if value is None or key_id is None:
+            return value
+        if self.cipher is None:
+            raise StoreError(f"{place} of row {row_id} is encrypted: this command needs the key file")
+        try:
+            return self.cipher.open(value, key_id, place, row_id)
+        except SealError as e:
+            raise StoreError(str(e)) from None
 
     def _insert_patients(self, conn, rows: list[tuple[int, str]]):
         if self._sqlite:  # straight to the driver, as for the messages themselves
@@ -348,7 +398,7 @@ class Store:
         """
         now = now or utcnow()
         conn = self._writer()
-        with conn.begin():
+        with write_transaction(conn):
             waiting = {row[0] for row in conn.execute(
                 _STILL_RECEIVED, {"ids": [p.message_id for p in batch]})}
             done = [p.message_id in waiting for p in batch]
@@ -360,8 +410,12 @@ class Store:
             rows = [{"message_id": p.message_id, "channel": p.channel, "destination": d.destination,
                      "state": d.state, "attempts": 0, "next_attempt_at": None, "target": d.target,
                      "output": d.output, "last_error": d.error, "response": None,
-                     "created_at": now, "updated_at": now}
+                     "response_key": None, "created_at": now, "updated_at": now}
                     for p in moving if not p.filter_reason for d in p.deliveries]
+            for row, delivery_id in zip(rows, self.reserve_ids(conn, deliveries, len(rows))):
+                row["id"] = delivery_id
+                row["output"], row["output_key"] = self.seal(row["output"], "deliveries.output",
+                                                             delivery_id)
             if rows:
                 conn.execute(insert(deliveries), rows)
             self._settle(conn, [p.message_id for p in moving if not p.filter_reason])
@@ -377,24 +431,32 @@ class Store:
             for channel, destination, limit in requests:
                 rows = conn.execute(_QUEUE_HEAD, {"channel": channel, "destination": destination,
                                                   "limit": limit})
-                result.append([QueuedDelivery(*row) for row in rows])
+                result.append([QueuedDelivery(*row[:-2], self.open(row.output, row.output_key,
+                                                                   "deliveries.output", row.id))
+                               for row in rows])
         return result
 
     def record_attempts(self, batch: list[Attempt], now: datetime | None = None) -> list[None]:
         """Each attempt, its delivery's new state and its message's state, in one transaction."""
         now = now or utcnow()
         conn = self._writer()
-        with conn.begin():
-            conn.execute(insert(attempts), [
-                {"delivery_id": a.delivery_id, "started_at": a.started_at, "duration_ms": a.duration_ms,
-                 "outcome": a.new_state if a.ok else ERROR, "error": a.error, "response": a.response}
-                for a in batch])
+        with write_transaction(conn):
+            rows = []
+            for a, attempt_id in zip(batch, self.reserve_ids(conn, attempts, len(batch))):
+                response, key = self.seal(a.response, "attempts.response", attempt_id)
+                rows.append({"id": attempt_id, "delivery_id": a.delivery_id, "started_at": a.started_at,
+                             "duration_ms": a.duration_ms, "outcome": a.new_state if a.ok else ERROR,
+                             "error": a.error, "response": response, "response_key": key})
+            conn.execute(insert(attempts), rows)
             keep, replace = [], []
             for a in batch:
+                response, key = self.seal(a.response, "deliveries.response", a.delivery_id)
                 values = {"did": a.delivery_id, "new_state": a.new_state, "next_at": a.next_attempt_at,
-                          "last_error": a.error, "response": a.response, "now": now}
+                          "last_error": a.error, "response": response, "response_key": key, "now": now}
                 if a.rerender or a.output is not None:
-                    replace.append(values | {"output": None if a.rerender else a.output})
+                    output, key = self.seal(None if a.rerender else a.output, "deliveries.output",
+                                            a.delivery_id)
+                    replace.append(values | {"output": output, "output_key": key})
                 else:
                     keep.append(values)
             if keep:
@@ -419,6 +481,11 @@ class Store:
             for d in result:
                 d["attempt_log"] = [dict(r._mapping) for r in conn.execute(
                     select(attempts).where(attempts.c.delivery_id == d["id"]).order_by(attempts.c.id))]
+        for d in result:
+            d["output"] = self.open(d["output"], d["output_key"], "deliveries.output", d["id"])
+            d["response"] = self.open(d["response"], d["response_key"], "deliveries.response", d["id"])
+            for a in d["attempt_log"]:
+                a["response"] = self.open(a["response"], a["response_key"], "attempts.response", a["id"])
         return result
 
     def count_deliveries(self, **where) -> int:
@@ -432,7 +499,7 @@ class Store:
 
     def list_messages(self, *, limit: int = 50, before_id: int | None = None,
                       state: str | None = None, listener: str | None = None) -> list[dict]:
-        query = (select(*[c for c in messages.c if c.name not in ("raw", "ack")])
+        query = (select(*[c for c in messages.c if c.name not in ("raw", "raw_key", "ack")])
                  .order_by(messages.c.id.desc()).limit(limit))
         if before_id is not None:
             query = query.where(messages.c.id < before_id)
@@ -446,7 +513,11 @@ class Store:
     def get_message(self, message_id: int) -> dict | None:
         with self._connect() as conn:
             row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
-        return dict(row._mapping) if row else None
+        if row is None:
+            return None
+        found = dict(row._mapping)
+        found["raw"] = self.open(found["raw"], found["raw_key"], "messages.raw", message_id)
+        return found
 
     def search(self, criteria) -> list[dict]:
         """One page of messages matching a search.Criteria, newest first (metadata only)."""
@@ -471,7 +542,9 @@ class Store:
 
 
 # Prepared once: building a statement per row cost more than running it.
+_INSERT_MESSAGES = insert(messages)
 _INSERT_PATIENTS = insert(message_patients)
+_NEXT_IDS = sa.text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :count)")
 _SQLITE_INSERT_PATIENTS = "INSERT INTO message_patients (message_id, patient_hash) VALUES (?, ?)"
 # FOR UPDATE (PostgreSQL; SQLite has one writer): when two engines race for a message,
 # the second waits for the first's commit and then no longer sees it `received`.
@@ -485,12 +558,15 @@ _LEAVE_RECEIVED = (update(messages).where(messages.c.id == sa.bindparam("mid"))
 _RECORD_ATTEMPT = (update(deliveries).where(deliveries.c.id == sa.bindparam("did"))
                    .values(state=sa.bindparam("new_state"), attempts=deliveries.c.attempts + 1,
                            next_attempt_at=sa.bindparam("next_at"), last_error=sa.bindparam("last_error"),
-                           response=sa.bindparam("response"), updated_at=sa.bindparam("now")))
-_RECORD_ATTEMPT_OUTPUT = _RECORD_ATTEMPT.values(output=sa.bindparam("output"))
+                           response=sa.bindparam("response"), response_key=sa.bindparam("response_key"),
+                           updated_at=sa.bindparam("now")))
+_RECORD_ATTEMPT_OUTPUT = _RECORD_ATTEMPT.values(output=sa.bindparam("output"),
+                                                output_key=sa.bindparam("output_key"))
 
 _QUEUE_HEAD = (
     select(deliveries.c.id, deliveries.c.message_id, deliveries.c.state, deliveries.c.attempts,
-           deliveries.c.next_attempt_at, deliveries.c.target, deliveries.c.output)
+           deliveries.c.next_attempt_at, deliveries.c.target, deliveries.c.output,
+           deliveries.c.output_key)
     .where(deliveries.c.channel == sa.bindparam("channel"),
            deliveries.c.destination == sa.bindparam("destination"),
            deliveries.c.state.in_(PENDING_STATES))

@@ -41,7 +41,7 @@ attempts = 2
     extra = f'[channels]\ndirectory = "{channels}"\nmappings = "{ROOT / "mappings"}"\n'
     engine = engine_factory(extra=extra)
     engine.fhir = fhir_server
-    engine.store = Store(engine.store_url)
+    engine.store = engine.open_store()
     return engine
 
 
