@@ -111,6 +111,10 @@ def _reseal_until_done(store, batch: int, say) -> tuple[Tally, int]:
 
 def retire(config, key_id: str) -> str:
     """`keys retire`: forget a data key that no stored value needs; returns what to tell the user."""
+    found = key_file.load(config.keys_file)
+    if key_id == found.active:
+        raise RotationError(f"data key {key_id} is the one new writes use: rotate first "
+                            "(`interface-engine keys rotate`), then retire it")
     store, trail = open_trail(config)
     try:
         still = usage(store).get(key_id, 0)

@@ -181,9 +181,10 @@ def engine_factory(tmp_path):
         assert not leaked, f"patient data in the engine's log, as {leaked}"
 
 
-#: The synthetic patient of tests/messages.py: identifier and name. The engine logs
-#: ids, types and peers, never content; none of these may appear in its log in any form.
-CANARIES = ("MRN100001", "DOE^JANE")
+#: The synthetic patient of tests/messages.py: identifier (PID-3), name (PID-5), social
+#: security number (PID-19) and a lab result (OBX-5). The engine logs ids, types and
+#: peers, never content; none of these may appear in its log in any form.
+CANARIES = ("MRN100001", "DOE^JANE", "987-65-4320", "182.0417")
 
 
 def canary_forms(value: str) -> dict[str, str]:

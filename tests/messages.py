@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def adt_a01(control_id: str = "MSG00001", *, family: str = "DOE", given: str = "JANE",
-            mrn: str = "MRN100001", sender: str = "ADT_APP", facility: str = "GENERAL_HOSP",
+            mrn: str = "MRN100001", ssn: str = "987-65-4320", sender: str = "ADT_APP",
+            facility: str = "GENERAL_HOSP",
             version: str = "2.5.1", accept_ack: str = "", app_ack: str = "",
             charset: str = "", receiver: str = "ENGINE", receiving_facility: str = "HUB",
             extra_segments: str = "", sep: str = "\r") -> bytes:
@@ -13,7 +14,7 @@ def adt_a01(control_id: str = "MSG00001", *, family: str = "DOE", given: str = "
         f"{control_id}|P|{version}|||{accept_ack}|{app_ack}||{charset}",
         "EVN|A01|20260101120000",
         f"PID|1||{mrn}^^^GEN^MR||{family}^{given}^Q||19800101|F|||1 MAIN ST^^SPRINGFIELD^ST^00000||"
-        "555-0100|||S",
+        f"555-0100|||S|||{ssn}",
         "NK1|1|DOE^JOHN|SPO|1 MAIN ST^^SPRINGFIELD^ST^00000|555-0101",
         "PV1|1|I|WARD1^101^A^GEN||||1234^WELBY^MARCUS|||MED||||ADM|||1234^WELBY^MARCUS|IN||||||||"
         "||||||||||||||||||20260101115500",
@@ -31,7 +32,7 @@ def oru_r01(control_id: str = "LAB00001", *, mrn: str = "MRN100001", family: str
         f"MSH|^~\\&|LAB_APP|GENERAL_LAB|ENGINE|HUB|20260103101500-0500||ORU^R01^ORU_R01|{control_id}|P|2.5.1",
         f"PID|1||{mrn}^^^GEN^MR||{family}^{given}||19800101|F",
         f"OBR|1|{order}|FIL{order}|24331-1^LIPID PANEL^LN|||{observed}|||||||||||||||20260103100000|||F",
-        f"OBX|1|NM|2093-3^CHOLESTEROL^LN||182|mg/dL^^UCUM|<200|N|||F|||{observed}",
+        f"OBX|1|NM|2093-3^CHOLESTEROL^LN||182.0417|mg/dL^^UCUM|<200|N|||F|||{observed}",
         f"OBX|2|NM|2571-8^TRIGLYCERIDE^LN||95|mg/dL^^UCUM|<150|N|||F|||{observed}",
         "NTE|1||Fasting sample",
     ]

