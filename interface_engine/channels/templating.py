@@ -128,7 +128,7 @@ from jinja2.utils import missing
 from lxml import etree
 
 from interface_engine import hl7
-from interface_engine.fhir.datatypes import FHIRNamespace
+from interface_engine.fhir.segments import FHIRHelpers
 from interface_engine.hl7.escape import delimiters
 
 from .helpers import (
@@ -542,7 +542,7 @@ class Mappings:
             "hl7_datetime": _hl7_datetime, "hl7_instant": _hl7_instant,
             "lookup": self._lookup, "uuid5": uuid5, "csv_row": csv_row, "b64encode": b64encode,
         }
-        fhir = FHIRNamespace(self._table, lambda: _STATE.get().zone)
+        fhir = FHIRHelpers(self._table, lambda: _STATE.get().zone)
         for env in self._envs.values():
             env.globals.update(helpers)
             env.filters.update(helpers)
