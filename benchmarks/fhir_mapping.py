@@ -6,12 +6,14 @@ engine does it (``interface_engine/channels/pipeline.py`` ``prepare`` and
 it (no MLLP, no store, no HTTP):
 
 (a) parse      ``hl7.parse(raw)``
-(b) render     ``Mappings(<repo>/mappings).render(template, msg, kind="json",
+(b) render     ``Mappings(<repo>/mappings).render_value(template, msg,
                timezone=..., variables={"channel": ..., "destination": ...})``:
-               the sandboxed Jinja template, then the json output check
-               (parse, reject duplicate keys, re-serialise compactly)
-(c) post       ``fhir_bundle(rendered, msg, zone)``: prune, merge, Provenance,
-               transaction Bundle, serialised to bytes
+               the sandboxed Jinja template (its segment maps are fhir.*
+               helpers in Python), its one ``tojson`` value handed on as
+               Python values
+(c) post       ``fhir_bundle(rendered, msg, zone)``: prune (with the JSON
+               checks and key sorting), merge, Provenance, transaction
+               Bundle, serialised to bytes
 
 for three synthetic messages with invented data (no real person): an ADT^A01
 of about 1 KB, an ORU^R01 with 5 OBX and a VXU^V04; every message has its own
@@ -25,17 +27,18 @@ the machine's speed changed during the run.
 
 Then, for the ADT^A01 render only:
 
-- experiments sizing the Jinja sandbox's share: the same template rendered by
-  a plain ``jinja2.Environment`` (same loader, globals, filters, finalize), by
-  the engine's sandbox with Jinja's attribute checks run on every read, and
-  with remembered verdicts plus a short ``getattr`` path; the Python calls the
-  template makes (fhir helpers, message reads), recorded once and replayed
-  without Jinja: the floor of moving the mapping logic into helpers; the JSON
-  round trips and the post-processing steps one by one. Each variant's output
+- experiments sizing the Jinja sandbox's share: the same template's json
+  render (``kind="json"``, as text) by a plain ``jinja2.Environment`` (same
+  loader, globals, filters, finalize), by the engine's sandbox with Jinja's
+  attribute checks run on every read, and with remembered verdicts plus a
+  short ``getattr`` path; the Python calls the template makes (fhir helpers,
+  message reads; outermost calls only), recorded once and replayed without
+  Jinja: the floor of the template's own cost; ``render_value`` and the
+  post-processing steps one by one. Each variant's output
   is checked byte for byte against the engine's. They live in this script
   only; nothing in the engine changes;
 - a cProfile of the render, grouped: Jinja sandbox checks, template code,
-  Jinja runtime, fhir datatypes helpers, channels/helpers.py message views,
+  Jinja runtime, fhir helpers (datatypes, segments), channels/helpers.py message views,
   the hl7 package, json, other; top functions by self and by cumulative time;
   the template macros by inclusive time.
 
@@ -86,6 +89,7 @@ from interface_engine.channels.pipeline import fhir_bundle, prepare, variables  
 from interface_engine.channels.templating import Mappings  # noqa: E402
 from interface_engine.fhir import bundle as fhir_bundle_module  # noqa: E402
 from interface_engine.fhir.datatypes import FHIRNamespace  # noqa: E402
+from interface_engine.fhir.segments import FHIRHelpers  # noqa: E402
 from interface_engine.store import QUEUED  # noqa: E402
 
 ZONE = "America/New_York"
@@ -389,6 +393,8 @@ def render_with(mappings: Mappings, env: jinja2.Environment, name: str, msg) -> 
 _RECORDED = (
     (FHIRNamespace, ("id", "identifiers", "identifier", "names", "addresses", "telecoms", "concept", "concepts",
                      "code", "coding", "datetime", "date", "instant", "quantity", "sn", "reference_range")),
+    (FHIRHelpers, ("hd_system", "ei", "practitioner", "practitioners", "organization", "location", "patient_id",
+                   "patient", "next_of_kin", "encounter_id", "encounter", "allergy", "condition")),
     (TemplateMessage, ("__getitem__", "segment", "segments")),
     (TemplateSegment, ("__getitem__",)),
 )
@@ -449,8 +455,8 @@ def experiments(mappings: Mappings, seconds: float) -> dict:
     # The Python work the template asks for, replayed without Jinja: the floor of moving the logic into helpers.
     log = record_python_calls(variants["sandbox (engine, json render)"])
     out["python_calls"] = {
-        "fhir helpers": sum(1 for fn, _, _ in log if fn.__qualname__.startswith("FHIRNamespace.")),
-        "message reads": sum(1 for fn, _, _ in log if not fn.__qualname__.startswith("FHIRNamespace.")),
+        "fhir helpers": sum(1 for fn, _, _ in log if fn.__qualname__.startswith(("FHIRNamespace.", "FHIRHelpers."))),
+        "message reads": sum(1 for fn, _, _ in log if not fn.__qualname__.startswith(("FHIRNamespace.", "FHIRHelpers."))),
     }
     seen, distinct = set(), []
     for fn, args, kwargs in log:  # the same helper on the same arguments again (patient_key, encounter_key...)
@@ -508,7 +514,7 @@ GROUPS = [
     "Jinja sandbox checks",
     "template code (compiled .j2)",
     "Jinja runtime (macros, context, namespace, filters)",
-    "fhir/datatypes.py helpers",
+    "fhir/datatypes.py and segments.py helpers",
     "channels/helpers.py message views and helpers",
     "hl7 package (paths, escapes)",
     "json (tojson, output check)",
@@ -533,7 +539,7 @@ def _group_of_file(key) -> str | None:
         return GROUPS[6] if func in _JSON_FUNCS else GROUPS[7]
     if "/jinja2/" in f or "/markupsafe/" in f:
         return GROUPS[6] if func in _JSON_FUNCS else GROUPS[2]
-    if f.endswith("fhir/datatypes.py"):
+    if f.endswith(("fhir/datatypes.py", "fhir/segments.py")):
         return GROUPS[3]
     if f.endswith("channels/helpers.py"):
         return GROUPS[4]

@@ -46,6 +46,9 @@ Output kinds (by template name, see ``output_kind_for``)
   string content, so it cannot close a string. The output must parse as JSON
   (no NaN, no duplicate keys) and is returned compact, UTF-8, key order kept.
   ``tojson`` is Jinja's own: keys of a dict it serialises are sorted.
+  ``render_value`` gives the same output as Python values: when the whole output is
+  one ``tojson`` value, that value as the template built it (for a fhir destination,
+  whose Bundle step checks and sorts it in its own pass).
 - xml (``*.xml.j2``): ``{{ }}`` values are XML-escaped; the output must be
   well-formed XML without a DOCTYPE (so no entities, no external reads) and is
   returned as UTF-8 with an XML declaration. Never put ``| safe`` on a message value.
@@ -79,7 +82,9 @@ Helpers (each works as a function and as a filter)
   ``uuid5('Patient', msg['PID-3.4'], msg['PID-3.1'])`` is the same id forever.
 - ``tojson``: see the json kind.
 - ``fhir``: a namespace, not a filter: HL7 v2 datatypes as FHIR ones
-  (``fhir.names(msg, 'PID-5') | tojson``); see interface_engine/fhir/datatypes.py.
+  (``fhir.names(msg, 'PID-5') | tojson``), see interface_engine/fhir/datatypes.py;
+  and segment maps that make whole resources (``fhir.patient(pid, pd1)``), see
+  interface_engine/fhir/segments.py.
 - ``csv_row(*values)``: one RFC 4180 line, no line end, quoting where needed
   (CR and LF stay inside quotes): ``{{ csv_row(msg['PID-3.1'], msg['PID-5.1']) }}``
   or ``{{ [a, b] | csv_row }}``.
