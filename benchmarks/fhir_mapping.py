@@ -6,12 +6,14 @@ engine does it (``interface_engine/channels/pipeline.py`` ``prepare`` and
 it (no MLLP, no store, no HTTP):
 
 (a) parse      ``hl7.parse(raw)``
-(b) render     ``Mappings(<repo>/mappings).render(template, msg, kind="json",
+(b) render     ``Mappings(<repo>/mappings).render_value(template, msg,
                timezone=..., variables={"channel": ..., "destination": ...})``:
-               the sandboxed Jinja template, then the json output check
-               (parse, reject duplicate keys, re-serialise compactly)
-(c) post       ``fhir_bundle(rendered, msg, zone)``: prune, merge, Provenance,
-               transaction Bundle, serialised to bytes
+               the sandboxed Jinja template (its segment maps are fhir.*
+               helpers in Python), its one ``tojson`` value handed on as
+               Python values
+(c) post       ``fhir_bundle(rendered, msg, zone)``: prune (with the JSON
+               checks and key sorting), merge, Provenance, transaction
+               Bundle, serialised to bytes
 
 for three synthetic messages with invented data (no real person): an ADT^A01
 of about 1 KB, an ORU^R01 with 5 OBX and a VXU^V04; every message has its own
@@ -25,17 +27,18 @@ the machine's speed changed during the run.
 
 Then, for the ADT^A01 render only:
 
-- experiments sizing the Jinja sandbox's share: the same template rendered by
-  a plain ``jinja2.Environment`` (same loader, globals, filters, finalize), by
-  the engine's sandbox with Jinja's attribute checks run on every read, and
-  with remembered verdicts plus a short ``getattr`` path; the Python calls the
-  template makes (fhir helpers, message reads), recorded once and replayed
-  without Jinja: the floor of moving the mapping logic into helpers; the JSON
-  round trips and the post-processing steps one by one. Each variant's output
+- experiments sizing the Jinja sandbox's share: the same template's json
+  render (``kind="json"``, as text) by a plain ``jinja2.Environment`` (same
+  loader, globals, filters, finalize), by the engine's sandbox with Jinja's
+  attribute checks run on every read, and with remembered verdicts plus a
+  short ``getattr`` path; the Python calls the template makes (fhir helpers,
+  message reads; outermost calls only), recorded once and replayed without
+  Jinja: the floor of the template's own cost; ``render_value`` and the
+  post-processing steps one by one. Each variant's output
   is checked byte for byte against the engine's. They live in this script
   only; nothing in the engine changes;
 - a cProfile of the render, grouped: Jinja sandbox checks, template code,
-  Jinja runtime, fhir datatypes helpers, channels/helpers.py message views,
+  Jinja runtime, fhir helpers (datatypes, segments), channels/helpers.py message views,
   the hl7 package, json, other; top functions by self and by cumulative time;
   the template macros by inclusive time.
 
@@ -77,7 +80,6 @@ if str(REPO) not in sys.path:
 import jinja2  # noqa: E402
 from jinja2.runtime import Undefined  # noqa: E402
 from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: E402
-from jinja2.utils import htmlsafe_json_dumps  # noqa: E402
 
 from interface_engine import hl7  # noqa: E402
 from interface_engine.channels import templating  # noqa: E402
@@ -87,6 +89,7 @@ from interface_engine.channels.pipeline import fhir_bundle, prepare, variables  
 from interface_engine.channels.templating import Mappings  # noqa: E402
 from interface_engine.fhir import bundle as fhir_bundle_module  # noqa: E402
 from interface_engine.fhir.datatypes import FHIRNamespace  # noqa: E402
+from interface_engine.fhir.segments import FHIRHelpers  # noqa: E402
 from interface_engine.store import QUEUED  # noqa: E402
 
 ZONE = "America/New_York"
@@ -203,7 +206,7 @@ def map_one(mappings: Mappings, template: str, raw: bytes) -> tuple[bytes, int, 
     t0 = clock()
     msg = hl7.parse(raw)
     t1 = clock()
-    rendered = mappings.render(template, msg, kind="json", timezone=ZONE, variables=VARIABLES)
+    rendered = mappings.render_value(template, msg, timezone=ZONE, variables=VARIABLES)
     t2 = clock()
     out = fhir_bundle(rendered, msg, ZONE)
     t3 = clock()
@@ -390,6 +393,8 @@ def render_with(mappings: Mappings, env: jinja2.Environment, name: str, msg) -> 
 _RECORDED = (
     (FHIRNamespace, ("id", "identifiers", "identifier", "names", "addresses", "telecoms", "concept", "concepts",
                      "code", "coding", "datetime", "date", "instant", "quantity", "sn", "reference_range")),
+    (FHIRHelpers, ("hd_system", "ei", "practitioner", "practitioners", "organization", "location", "patient_id",
+                   "patient", "next_of_kin", "encounter_id", "encounter", "allergy", "condition")),
     (TemplateMessage, ("__getitem__", "segment", "segments")),
     (TemplateSegment, ("__getitem__",)),
 )
@@ -427,36 +432,6 @@ def record_python_calls(render) -> list:
     return log
 
 
-def _prune_single_pass(value):
-    """bundle.prune's result in one pass without generators (an estimate of a tighter prune; script only)."""
-    kind = type(value)
-    if kind is dict:
-        out = {}
-        for key, item in value.items():
-            t = type(item)
-            if t is dict or t is list:
-                item = _prune_single_pass(item)
-                if item is None:
-                    continue
-            elif item is None or item == "":
-                continue
-            out[key] = item
-        return out or None
-    if kind is list:
-        out = []
-        for item in value:
-            t = type(item)
-            if t is dict or t is list:
-                item = _prune_single_pass(item)
-                if item is None:
-                    continue
-            elif item is None or item == "":
-                continue
-            out.append(item)
-        return out or None
-    return None if value is None or value == "" else value
-
-
 def experiments(mappings: Mappings, seconds: float) -> dict:
     name = "fhir/adt.fhir.json.j2"
     sandbox = mappings._envs["json"]
@@ -470,7 +445,7 @@ def experiments(mappings: Mappings, seconds: float) -> dict:
     msg = hl7.parse(adt_a01(1))
     reference = mappings.render(name, msg, kind="json", timezone=ZONE, variables=VARIABLES)
     variants = {
-        "sandbox (engine)": lambda: mappings.render(name, msg, kind="json", timezone=ZONE, variables=VARIABLES),
+        "sandbox (engine, json render)": lambda: mappings.render(name, msg, kind="json", timezone=ZONE, variables=VARIABLES),
         "sandbox, Jinja's attribute checks every time": lambda: render_with(mappings, uncached, name, msg),
         "sandbox, verdicts kept + getattr short path": lambda: render_with(mappings, short, name, msg),
         "plain jinja2.Environment (no sandbox)": lambda: render_with(mappings, plain, name, msg),
@@ -478,10 +453,10 @@ def experiments(mappings: Mappings, seconds: float) -> dict:
     out: dict = {"identical": {label: fn() == reference for label, fn in variants.items()}}
 
     # The Python work the template asks for, replayed without Jinja: the floor of moving the logic into helpers.
-    log = record_python_calls(variants["sandbox (engine)"])
+    log = record_python_calls(variants["sandbox (engine, json render)"])
     out["python_calls"] = {
-        "fhir helpers": sum(1 for fn, _, _ in log if fn.__qualname__.startswith("FHIRNamespace.")),
-        "message reads": sum(1 for fn, _, _ in log if not fn.__qualname__.startswith("FHIRNamespace.")),
+        "fhir helpers": sum(1 for fn, _, _ in log if fn.__qualname__.startswith(("FHIRNamespace.", "FHIRHelpers."))),
+        "message reads": sum(1 for fn, _, _ in log if not fn.__qualname__.startswith(("FHIRNamespace.", "FHIRHelpers."))),
     }
     seen, distinct = set(), []
     for fn, args, kwargs in log:  # the same helper on the same arguments again (patient_key, encounter_key...)
@@ -500,23 +475,19 @@ def experiments(mappings: Mappings, seconds: float) -> dict:
         by_kind[call[0].__qualname__].append(call)
     kinds = sorted(by_kind, key=lambda k: -len(by_kind[k]))
 
-    # The JSON round trips and the post-processing of one ADT^A01, each on its own.
-    resources = json.loads(reference)
-    dumps, kwargs = sandbox.policies["json.dumps_function"], sandbox.policies["json.dumps_kwargs"]
-    rendered_text = htmlsafe_json_dumps(resources, dumps=dumps, **kwargs)
-    items = resources["resources"]
-    out["prune_same_result"] = ([_prune_single_pass(r) for r in items]
-                                == [fhir_bundle_module.prune(r) for r in items])
-    built = fhir_bundle_module.build(resources, {"control_id": "x", "recorded": "2025-01-14T09:30:15-05:00"})
+    # What the engine's render hands on, and the post-processing of one ADT^A01, each step on its own.
+    value = mappings.render_value(name, msg, timezone=ZONE, variables=VARIABLES)
+    items = value.value["resources"]
+    out["value_same_as_text"] = (
+        value.as_built and fhir_bundle(value, msg, ZONE)
+        == fhir_bundle(templating.RenderedJSON(json.loads(reference), False), msg, ZONE))
+    built = fhir_bundle_module.build(value.value, {"control_id": "x", "recorded": "2025-01-14T09:30:15-05:00"},
+                                     sort_keys=True)
     steps = {
-        "render: tojson of the resources (template's last line)": lambda: htmlsafe_json_dumps(resources, dumps=dumps,
-                                                                                              **kwargs),
-        "render: json output check (loads, duplicate-key hook, dumps)": lambda: templating._json_output(
-            rendered_text, name),
-        "post: fhir_bundle, all of it": lambda: fhir_bundle(reference, msg, ZONE),
-        "post:   json.loads of the rendered bytes": lambda: json.loads(reference),
-        "post:   prune, as bundle.py does it": lambda: [fhir_bundle_module.prune(r) for r in items],
-        "post:   prune, single pass (script-only sketch)": lambda: [_prune_single_pass(r) for r in items],
+        "render: the engine's render_value (no JSON text)": lambda: mappings.render_value(
+            name, msg, timezone=ZONE, variables=VARIABLES),
+        "post: fhir_bundle, all of it": lambda: fhir_bundle(value, msg, ZONE),
+        "post:   prune (one pass: checks, sorts keys)": lambda: [fhir_bundle_module.prune(r, True) for r in items],
         "post:   bundle to bytes (json.dumps)": lambda: fhir_bundle_module.to_bytes(built),
     }
 
@@ -543,7 +514,7 @@ GROUPS = [
     "Jinja sandbox checks",
     "template code (compiled .j2)",
     "Jinja runtime (macros, context, namespace, filters)",
-    "fhir/datatypes.py helpers",
+    "fhir/datatypes.py and segments.py helpers",
     "channels/helpers.py message views and helpers",
     "hl7 package (paths, escapes)",
     "json (tojson, output check)",
@@ -568,7 +539,7 @@ def _group_of_file(key) -> str | None:
         return GROUPS[6] if func in _JSON_FUNCS else GROUPS[7]
     if "/jinja2/" in f or "/markupsafe/" in f:
         return GROUPS[6] if func in _JSON_FUNCS else GROUPS[2]
-    if f.endswith("fhir/datatypes.py"):
+    if f.endswith(("fhir/datatypes.py", "fhir/segments.py")):
         return GROUPS[3]
     if f.endswith("channels/helpers.py"):
         return GROUPS[4]
@@ -586,7 +557,7 @@ def profile_render(mappings: Mappings, renders: int) -> dict:
     msg = hl7.parse(adt_a01(2))
 
     def render():
-        return mappings.render(name, msg, kind="json", timezone=ZONE, variables=VARIABLES)
+        return mappings.render_value(name, msg, timezone=ZONE, variables=VARIABLES)
 
     plain_us = time_calls(render, 1.0)
     profiler = cProfile.Profile()
@@ -772,7 +743,7 @@ def print_report(info: dict, checks: dict, results: dict, exp: dict | None, prof
     if exp:
         print("\nADT^A01 render, median µs (Mappings.render, or its steps with another environment; each output "
               "compared with the engine's):")
-        base = exp["render_us"]["sandbox (engine)"]
+        base = exp["render_us"]["sandbox (engine, json render)"]
         for label, us in exp["render_us"].items():
             same = "same output" if exp["identical"][label] else "OUTPUT DIFFERS"
             print(f"  {label:46} {us:>7.0f}  {base / us:>5.2f}x  {same}")
@@ -787,8 +758,8 @@ def print_report(info: dict, checks: dict, results: dict, exp: dict | None, prof
         print("ADT^A01 JSON and post-processing steps, median µs each:")
         for label, us in exp["json_us"].items():
             print(f"  {label:62} {us:>6.0f}")
-        if not exp["prune_same_result"]:
-            print("  (the single-pass prune gave another result: its figure means nothing)")
+        if not exp["value_same_as_text"]:
+            print("  (render_value and the json render gave different Bundles: the engine is wrong)")
 
     if prof:
         print(f"\ncProfile of {prof['renders']} ADT^A01 renders: {prof['unprofiled_us']:.0f} µs per render without "
@@ -830,7 +801,7 @@ def main(argv=None) -> int:
         msg, n = hl7.parse(adt_a01(1)), 0
         end = time.perf_counter() + args.render_loop
         while time.perf_counter() < end:
-            mappings.render("fhir/adt.fhir.json.j2", msg, kind="json", timezone=ZONE, variables=VARIABLES)
+            mappings.render_value("fhir/adt.fhir.json.j2", msg, timezone=ZONE, variables=VARIABLES)
             n += 1
         print(f"{n} ADT^A01 renders in {args.render_loop:g} s")
         return 0
@@ -858,7 +829,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "messages": checks, "results": results,
                                          "experiments": exp, "profile": prof}, indent=2))
-    if exp and not (all(exp["identical"].values()) and exp["prune_same_result"]):
+    if exp and not (all(exp["identical"].values()) and exp["value_same_as_text"]):
         print("\nA VARIANT'S OUTPUT DIFFERED FROM THE ENGINE'S: its timing is not comparable.")
         return 1
     return 1 if failed else 0

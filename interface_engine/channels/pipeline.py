@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 from ..store import ERROR, FILTERED, QUEUED, NewDelivery
 from .config import ChannelConfig, DestinationConfig
 from ..fhir import bundle
-from ..fhir.bundle import BundleError, NothingToSend
+from ..fhir.bundle import BundleError, NothingToSend, NotJSON
 from .helpers import hl7_to_iso
-from .templating import Mappings, TemplateError
+from .templating import Mappings, RenderedJSON, TemplateError
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +73,7 @@ def prepare(channel: ChannelConfig, destination: DestinationConfig, mappings: Ma
                 msg, timezone=channel.timezone, variables=context):
             return NewDelivery(destination.name, FILTERED, error=f"destination filter: {destination.when}")
         if destination.type == "fhir":
-            output = fhir_bundle(mappings.render(destination.template, msg, kind="json",
-                                                 timezone=channel.timezone, variables=context),
-                                 msg, channel.timezone)
+            output = fhir_output(mappings, destination.template, msg, channel.timezone, context)
         elif destination.template:
             output = mappings.render(destination.template, msg, timezone=channel.timezone,
                                      variables=context)
@@ -93,15 +91,32 @@ def prepare(channel: ChannelConfig, destination: DestinationConfig, mappings: Ma
     return NewDelivery(destination.name, QUEUED, output=output, target=target)
 
 
-def fhir_bundle(rendered: bytes, msg, zone: str) -> bytes:
-    """A FHIR template's JSON made into the transaction Bundle that is sent."""
+def fhir_output(mappings: Mappings, template: str, msg, zone: str, context: dict) -> bytes:
+    """The Bundle a fhir destination sends: the template's values handed to the Bundle step as they are.
+
+    Values that JSON cannot carry as built (a NaN, a key that is not text, an
+    object) go through the json render instead, which writes them as ``tojson``
+    does or fails the delivery as it would for any template.
+    """
+    rendered = mappings.render_value(template, msg, timezone=zone, variables=context)
+    try:
+        return fhir_bundle(rendered, msg, zone)
+    except NotJSON:
+        if not rendered.as_built:
+            raise
+    return fhir_bundle(RenderedJSON(json.loads(mappings.render(template, msg, kind="json", timezone=zone,
+                                                               variables=context)), False), msg, zone)
+
+
+def fhir_bundle(rendered: RenderedJSON, msg, zone: str) -> bytes:
+    """A FHIR template's output (``Mappings.render_value``) made into the transaction Bundle that is sent."""
     header = msg.header
     source = {"application": header.sending_application, "facility": header.sending_facility,
               "control_id": header.control_id, "sha256": hashlib.sha256(msg.to_bytes()).hexdigest(),
               "type": f"{header.message_type}^{header.trigger_event}".rstrip("^"),
               # MSH-7 when it is precise to the second; otherwise the time of sending
               "recorded": hl7_to_iso(header.timestamp, ZoneInfo(zone), instant=True) or None}
-    return bundle.to_bytes(bundle.build(json.loads(rendered), source))
+    return bundle.to_bytes(bundle.build(rendered.value, source, sort_keys=rendered.as_built))
 
 
 def safe_target(template: str, rendered: str) -> str:

@@ -46,6 +46,9 @@ Output kinds (by template name, see ``output_kind_for``)
   string content, so it cannot close a string. The output must parse as JSON
   (no NaN, no duplicate keys) and is returned compact, UTF-8, key order kept.
   ``tojson`` is Jinja's own: keys of a dict it serialises are sorted.
+  ``render_value`` gives the same output as Python values: when the whole output is
+  one ``tojson`` value, that value as the template built it (for a fhir destination,
+  whose Bundle step checks and sorts it in its own pass).
 - xml (``*.xml.j2``): ``{{ }}`` values are XML-escaped; the output must be
   well-formed XML without a DOCTYPE (so no entities, no external reads) and is
   returned as UTF-8 with an XML declaration. Never put ``| safe`` on a message value.
@@ -79,7 +82,9 @@ Helpers (each works as a function and as a filter)
   ``uuid5('Patient', msg['PID-3.4'], msg['PID-3.1'])`` is the same id forever.
 - ``tojson``: see the json kind.
 - ``fhir``: a namespace, not a filter: HL7 v2 datatypes as FHIR ones
-  (``fhir.names(msg, 'PID-5') | tojson``); see interface_engine/fhir/datatypes.py.
+  (``fhir.names(msg, 'PID-5') | tojson``), see interface_engine/fhir/datatypes.py;
+  and segment maps that make whole resources (``fhir.patient(pid, pd1)``), see
+  interface_engine/fhir/segments.py.
 - ``csv_row(*values)``: one RFC 4180 line, no line end, quoting where needed
   (CR and LF stay inside quotes): ``{{ csv_row(msg['PID-3.1'], msg['PID-5.1']) }}``
   or ``{{ [a, b] | csv_row }}``.
@@ -128,7 +133,7 @@ from jinja2.utils import missing
 from lxml import etree
 
 from interface_engine import hl7
-from interface_engine.fhir.datatypes import FHIRNamespace
+from interface_engine.fhir.segments import FHIRHelpers
 from interface_engine.hl7.escape import delimiters
 
 from .helpers import (
@@ -191,6 +196,7 @@ def output_kind_for(template_name: str) -> str:
 class _State(NamedTuple):
     delimiters: hl7.Delimiters | None
     zone: tzinfo
+    values: list | None = None  # render_value: the tojson values output so far
 
 
 #: What helpers and the hl7 escaping need of the render under way; per thread,
@@ -227,6 +233,75 @@ def _json_finalize(value):
     if value is None:
         return ""
     return json.dumps(str(value), ensure_ascii=False)[1:-1]
+
+
+class _Deferred:
+    """A ``tojson`` result in ``render_value``: the value, written as JSON text only if it is read as text.
+
+    Output as is, it becomes a token standing for the value; used in an
+    expression (``~``, ``length``, a comparison, a str method) it is the JSON
+    text ``tojson`` gives.
+    """
+
+    __slots__ = ("value", "_eval_ctx", "_text")
+
+    def __init__(self, eval_ctx, value):
+        self.value = value
+        self._eval_ctx = eval_ctx
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = do_tojson(self._eval_ctx, self.value)
+        return self._text
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(str(self), name)
+
+    def __len__(self) -> int:
+        return len(str(self))
+
+    def __iter__(self):
+        return iter(str(self))
+
+    def __contains__(self, item) -> bool:
+        return item in str(self)
+
+    def __getitem__(self, key):
+        return str(self)[key]
+
+    def __eq__(self, other) -> bool:
+        return str(self) == (str(other) if isinstance(other, _Deferred) else other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __add__(self, other):
+        return str(self) + (str(other) if isinstance(other, _Deferred) else other)
+
+    def __radd__(self, other):
+        return other + str(self)
+
+
+@pass_context  # never folded at compile time: the value goes to the render under way
+def _deferred_tojson(context, value, indent=None):
+    if indent is not None:
+        return _JSONText(do_tojson(context.eval_ctx, value, indent))
+    return _Deferred(context.eval_ctx, value)
+
+
+#: What ``render_value``'s output is when it is one ``tojson`` value and nothing else (no
+#: JSON text can hold a NUL character).
+_VALUE_TOKEN = "\x00tojson\x00"
+
+
+def _value_finalize(value):
+    if isinstance(value, _Deferred):
+        _STATE.get().values.append(value.value)
+        return _VALUE_TOKEN
+    return _json_finalize(value)
 
 
 def _plain_finalize(value):
@@ -417,6 +492,15 @@ def _zone(name: str) -> tzinfo:
     raise ValueError(f"unknown time zone {name!r} (an IANA name such as Europe/Paris)")
 
 
+class RenderedJSON(NamedTuple):
+    """A json template's output as Python values. ``as_built``: the template's own dicts and lists,
+    not yet checked to be JSON, keys in the order the template gave them (``tojson`` would sort them);
+    otherwise parsed from checked JSON text, keys in the text's order."""
+
+    value: object
+    as_built: bool
+
+
 class Filter:
     """A compiled filter expression; calling it gives the expression's truth for a message."""
 
@@ -454,6 +538,7 @@ class Mappings:
         self._envs = {
             "hl7": _Sandbox(loader, _hl7_finalize, fragment=Encoded),
             "json": _Sandbox(loader, _json_finalize, fragment=_JSONText),
+            "value": _Sandbox(loader, _value_finalize, fragment=_JSONText),
             "xml": _Sandbox(loader, _plain_finalize, autoescape=True),
             "text": _Sandbox(loader, _plain_finalize),
         }
@@ -462,11 +547,12 @@ class Mappings:
             "hl7_datetime": _hl7_datetime, "hl7_instant": _hl7_instant,
             "lookup": self._lookup, "uuid5": uuid5, "csv_row": csv_row, "b64encode": b64encode,
         }
-        fhir = FHIRNamespace(self._table, lambda: _STATE.get().zone)
+        fhir = FHIRHelpers(self._table, lambda: _STATE.get().zone)
         for env in self._envs.values():
             env.globals.update(helpers)
             env.filters.update(helpers)
             env.globals["fhir"] = fhir
+        self._envs["value"].filters["tojson"] = _deferred_tojson
 
     def __repr__(self) -> str:
         return f"<Mappings {self.directory.name!r}>"
@@ -522,6 +608,24 @@ class Mappings:
         if kind == "xml":
             return _xml_output(text, name)
         return _utf8(text, name)
+
+    def render_value(self, name: str, msg: hl7.Message, *, timezone: str | None = None,
+                     variables: dict | None = None) -> RenderedJSON:
+        """What the json render of ``name`` gives, as Python values rather than text (a fhir destination's step).
+
+        When the template's whole output is one ``tojson`` value (the sample FHIR
+        templates end with ``{{ {"resources": ns.resources} | tojson }}``) that value
+        is returned as it is, not written as text and parsed again: the caller checks
+        it is JSON (no NaN, text keys) and sorts keys as ``tojson`` would. Any other
+        output is rendered again as ``kind="json"`` and parsed, with that kind's checks.
+        """
+        context = self._context(msg, variables)
+        state = self._state(msg, timezone, name)._replace(values=[])
+        text = self._guard(name, lambda: self._envs["value"].get_template(name).render(context), state)
+        if len(state.values) == 1 and text.strip() == _VALUE_TOKEN:
+            return RenderedJSON(state.values[0], True)
+        return RenderedJSON(json.loads(self.render(name, msg, kind="json", timezone=timezone,
+                                                   variables=variables)), False)
 
     def render_string(self, source: str, msg: hl7.Message, *, timezone: str | None = None,
                       variables: dict | None = None) -> str:

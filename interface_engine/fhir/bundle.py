@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_INFINITY = float("inf")
 PROVENANCE_NAMESPACE = uuid.UUID("0b0d9e4e-5f6f-5c1b-9a55-6f1d3c1e7a10")
 
 
@@ -24,21 +25,60 @@ class BundleError(ValueError):
     """The template's output cannot become a Bundle; says what, never which values."""
 
 
+class NotJSON(BundleError):
+    """A template's own values that JSON cannot carry as they are (see prune)."""
+
+
 class NothingToSend(BundleError):
     """The message holds nothing the mapping turns into a resource (a bare MSH, say)."""
 
 
-def prune(value):
-    """`value` without null, "", [] and {} anywhere inside; None if nothing is left."""
-    if isinstance(value, dict):
-        kept = {k: v for k, v in ((k, prune(v)) for k, v in value.items()) if v is not None}
+_INFINITY = float("inf")
+
+
+def prune(value, sort_keys: bool = False):
+    """`value` without null, "", [] and {} anywhere inside; None if nothing is left.
+
+    One walk that also checks that `value` is plain JSON, for a template's values
+    that were never written as text: dicts with text keys, lists (or tuples), text,
+    numbers other than NaN and Infinity, booleans; anything else raises NotJSON.
+    `sort_keys` sorts every object's keys, as a template's ``tojson`` would have.
+    """
+    try:
+        return _pruned(value, sort_keys)
+    except RecursionError:
+        pass
+    raise NotJSON("nested too deeply")
+
+
+def _pruned(value, sort_keys: bool):
+    kind = type(value)
+    if kind is dict:
+        kept = {}
+        for key in sorted(value) if sort_keys else value:
+            if type(key) is not str:
+                raise NotJSON("an object key that is not text")
+            v = _pruned(value[key], sort_keys)
+            if v is not None:
+                kept[key] = v
         return kept or None
-    if isinstance(value, list):
-        kept = [v for v in (prune(v) for v in value) if v is not None]
+    if kind is str:
+        return value or None
+    if kind is list or kind is tuple:
+        kept = [v for v in (_pruned(v, sort_keys) for v in value) if v is not None]
         return kept or None
-    if value is None or value == "":
+    if value is None:
         return None
-    return value
+    if kind is int or kind is bool:
+        return value
+    if kind is float:
+        if value != value or value in (_INFINITY, -_INFINITY):
+            raise NotJSON("NaN or Infinity")
+        return value
+    for plain in (str, dict, list, tuple, bool, int, float):  # subclasses: as JSON writes them
+        if isinstance(value, plain):
+            return _pruned(plain(value), sort_keys)
+    raise NotJSON(f"a {kind.__name__} value")
 
 
 def merge(first: dict, later: dict) -> dict:
@@ -54,15 +94,20 @@ def merge(first: dict, later: dict) -> dict:
     return out
 
 
-def build(rendered: dict, source: dict) -> dict:
-    """The transaction Bundle for one message. `source` names it: sender, facility, control id, type, time."""
-    if not isinstance(rendered, dict) or not isinstance(rendered.get("resources"), list):
+def build(rendered: dict, source: dict, *, sort_keys: bool = False) -> dict:
+    """The transaction Bundle for one message. `source` names it: sender, facility, control id, type, time.
+
+    `sort_keys`: `rendered` holds a template's own values (see prune).
+    """
+    if not isinstance(rendered, dict) or not isinstance(rendered.get("resources"), (list, tuple)):
         raise BundleError('a FHIR template must render {"resources": [...]}')
     resources: dict[tuple[str, str], dict] = {}
     for n, resource in enumerate(rendered["resources"]):
-        resource = prune(resource)
+        resource = prune(resource, sort_keys)
         if resource is None:
             continue
+        if not isinstance(resource, dict):
+            raise BundleError(f"resources[{n}] is not a resource (a JSON object)")
         kind, rid = resource.get("resourceType"), resource.get("id")
         if not isinstance(kind, str) or not _TYPE.match(kind):
             raise BundleError(f"resources[{n}] has no valid resourceType")
@@ -106,4 +151,8 @@ def provenance(resources: list[dict], source: dict) -> dict:
 
 
 def to_bytes(bundle: dict) -> bytes:
-    return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    raise NotJSON("text that is not valid Unicode")

@@ -211,6 +211,43 @@ def test_json_invalid_output(tmp_path, msg, text, reason):
     assert str(e.value).startswith("template p.json.j2: ")
 
 
+def test_render_value_hands_a_lone_tojson_value_over_unwritten(tmp_path, msg):
+    m = make(tmp_path, {"p.json.j2": '{% set r = {"b": 1, "a": [msg["PID-5.1"], none]} %}\n  {{ r | tojson }}\n'})
+    rendered = m.render_value("p.json.j2", msg)
+    assert rendered.as_built and rendered.value == {"b": 1, "a": ["DOE", None]}
+    assert list(rendered.value) == ["b", "a"]  # not sorted yet: tojson's sorting is the caller's
+    assert json.loads(m.render("p.json.j2", msg)) == rendered.value
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": {{ msg["PID-5.1"] | tojson }}, "b": 2}',                      # JSON written around values
+    '{{ [1] | tojson }}{% set x %}{{ [2] | tojson }}{% endset %}',        # a second value, unused
+    '{% set t = {"k": msg["PID-5.1"]} | tojson %}{{ {"n": t | length, "t": t ~ "", "s": t[:4], "in": "DOE" in t,'
+    ' "eq": t == \'{"k": "DOE"}\', "up": t.upper()} | tojson }}',      # a tojson result read as text
+    '{{ {"a": 1} | tojson(indent=2) }}',
+    '{% macro m(v) %}{{ v | tojson }}{% endmacro %}{{ m([1, 2]) }}',
+    '{"resources": []}',
+])
+def test_render_value_of_any_other_output_is_the_json_render(tmp_path, msg, text):
+    m = make(tmp_path, {"p.json.j2": text})
+    rendered = m.render_value("p.json.j2", msg)
+    assert rendered.value == json.loads(m.render("p.json.j2", msg))
+
+
+def test_render_value_reads_tojson_results_as_their_json_text(tmp_path, msg):
+    m = make(tmp_path, {"p.json.j2": '{% set t = {"k": msg["PID-5.1"]} | tojson %}'
+                                     '{{ {"n": t | length, "up": t.upper(), "s": t[2:3]} | tojson }}'})
+    assert m.render_value("p.json.j2", msg).value == {"n": 12, "up": '{"K": "DOE"}', "s": "k"}
+
+
+def test_render_value_fails_as_the_json_render_does(tmp_path, msg):
+    m = make(tmp_path, {"p.json.j2": '{"a": 1,}', "q.json.j2": "{{ x.y | tojson }}"})
+    with pytest.raises(TemplateError, match="template p.json.j2: did not render valid JSON"):
+        m.render_value("p.json.j2", msg)
+    with pytest.raises(TemplateError, match="template q.json.j2 line 1: undefined"):
+        m.render_value("q.json.j2", msg)
+
+
 def test_xml_kind(tmp_path):
     message = with_value('<b>&"x\'')
     m = make(tmp_path, {"p.xml.j2": '<?xml version="1.0" encoding="ISO-8859-1"?>\n'

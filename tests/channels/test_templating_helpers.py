@@ -276,3 +276,14 @@ def test_hl7_xml_refuses_what_xml_cannot_carry(mappings, msg):
     numeric = hl7.parse(b"MSH|^~\\&|A|B|||||ADT^A01|1|P|2.3\r123|1\r")
     with pytest.raises(TemplateError, match="starts with a digit"):
         render(mappings, "{{ hl7_xml(msg) }}", numeric)
+
+
+@pytest.mark.parametrize("parts", [(), ("Patient",), ("Patient", None, "MRN1"), ("Location", "", " "),
+                                   ("Patient", "urn:oid:2.999.1", "ÉLODIE 漢字\u2028|x"), (1, 2.5, True)])
+def test_uuid5_gives_the_ids_of_uuid_uuid5(parts):
+    import uuid
+
+    from interface_engine.channels.helpers import ENGINE_NAMESPACE, uuid5
+
+    name = "|".join("" if p is None else str(p) for p in parts)
+    assert uuid5(*parts) == str(uuid.uuid5(ENGINE_NAMESPACE, name))

@@ -1,8 +1,10 @@
 """The post-processor: loose template JSON to a replay-safe transaction Bundle."""
 
+import json
+
 import pytest
 
-from interface_engine.fhir.bundle import BundleError, build, prune
+from interface_engine.fhir.bundle import BundleError, NotJSON, build, prune, to_bytes
 
 SOURCE = {"application": "ADT_APP", "facility": "GEN", "control_id": "C1", "sha256": "ab",
           "type": "ADT^A01", "recorded": "2026-01-01T12:00:00-05:00"}
@@ -11,6 +13,43 @@ SOURCE = {"application": "ADT_APP", "facility": "GEN", "control_id": "C1", "sha2
 def test_prune_drops_empty_values_at_every_depth():
     assert prune({"a": None, "b": "", "c": [], "d": {}, "e": [{"f": None}], "g": {"h": ""},
                   "i": 0, "j": False, "k": ["x", None]}) == {"i": 0, "j": False, "k": ["x"]}
+
+
+class Text(str):
+    pass
+
+
+def test_prune_with_sort_keys_gives_what_tojson_and_json_loads_would():
+    value = {"b": (1, Text("x"), 2.5, True), "a": {"d": "", "c": [None, {"f": 1, "e": 2}]}, "z": None}
+    assert json.dumps(prune(value, sort_keys=True)) == '{"a": {"c": [{"e": 2, "f": 1}]}, "b": [1, "x", 2.5, true]}'
+    assert list(prune(value)) == ["b", "a"]
+
+
+@pytest.mark.parametrize("value", [
+    {"a": float("nan")}, {"a": [float("inf")]}, {"a": -float("inf")}, {1: "x"}, {"a": {None: 1}}, {"a": {1, 2}},
+    {"a": object()}, {"a": b"bytes"},
+])
+def test_prune_refuses_what_json_cannot_carry(value):
+    with pytest.raises(NotJSON):
+        prune(value)
+
+
+def test_prune_refuses_nesting_deeper_than_python_walks():
+    value = []
+    for _ in range(100_000):
+        value = [value, 1]
+    with pytest.raises(NotJSON, match="nested too deeply"):
+        prune(value)
+
+
+def test_a_resource_that_is_not_an_object_is_an_error_not_a_crash():
+    with pytest.raises(BundleError, match=r"resources\[0\] is not a resource"):
+        build({"resources": ["text"]}, SOURCE)
+
+
+def test_text_that_is_not_unicode_is_refused():
+    with pytest.raises(NotJSON):
+        to_bytes({"a": "\ud800"})
 
 
 def test_resources_become_put_entries_and_a_provenance_is_added():
@@ -58,3 +97,37 @@ def test_resources_with_the_same_id_are_merged():
 def test_unusable_template_output_is_a_clear_error(rendered, fragment):
     with pytest.raises(BundleError, match=fragment):
         build(rendered, SOURCE)
+
+
+def _fhir_delivery(tmp_path, template: str):
+    from interface_engine import hl7
+    from interface_engine.channels.config import ChannelConfig, DestinationConfig, SourceConfig
+    from interface_engine.channels.pipeline import prepare
+    from interface_engine.channels.templating import Mappings
+    from tests.messages import adt_a01
+
+    (tmp_path / "t.fhir.json.j2").write_text(template, encoding="utf-8")
+    destination = DestinationConfig(name="fhir", type="fhir", template="t.fhir.json.j2", url="http://fhir.invalid")
+    channel = ChannelConfig(name="c", file="c.toml", source=SourceConfig(type="mllp"), destinations=(destination,))
+    raw = adt_a01("B1")
+    return prepare(channel, destination, Mappings(tmp_path), hl7.parse(raw), raw)
+
+
+PATIENT = '{"resourceType": "Patient", "id": "p1", "gender": "female"'
+
+
+@pytest.mark.parametrize("values", ["{}", '{"name": [{"text": msg["PID-5.1"]}]}'])
+def test_a_template_value_and_its_json_text_give_the_same_bundle(tmp_path, values):
+    by_value = _fhir_delivery(tmp_path, '{{ {"resources": [dict(%s}, **%s)]} | tojson }}' % (PATIENT, values))
+    by_text = _fhir_delivery(tmp_path, '{"resources": [{{ dict(%s}, **%s) | tojson }}]}' % (PATIENT, values))
+    assert by_value.state == by_text.state == "queued" and by_value.output == by_text.output
+    assert b'"resource":{"gender":"female","id":"p1",' in by_value.output  # keys sorted, as tojson sorts them
+
+
+def test_values_json_cannot_carry_as_built_go_the_json_render_way(tmp_path):
+    # a dict with number keys: tojson writes "1"; the json render decides, as it did before
+    queued = _fhir_delivery(tmp_path, '{{ {"resources": [dict(%s}, extension={1: "x"})]} | tojson }}' % PATIENT)
+    assert queued.state == "queued" and b'"extension":{"1":"x"}' in queued.output
+    failed = _fhir_delivery(tmp_path, '{%% set n = (msg["MSH-99"] ~ "nan") | float %%}{{ {"resources": [dict(%s}, x=n)]} | tojson }}'
+                            % PATIENT)
+    assert failed.state == "error" and "did not render valid JSON: NaN and Infinity are not JSON" in failed.error

@@ -95,7 +95,7 @@ def comparison(source: str, expected: str) -> Comparison:
 def ours(source: str) -> list[dict]:
     """The resources of the Bundle our channel would send for the message (none: the type is not mapped)."""
     msg = hl7.parse((SHARED / source).read_bytes())
-    rendered = _mappings.render(TEMPLATE, msg, kind="json", timezone=ZONE)
+    rendered = _mappings.render_value(TEMPLATE, msg, timezone=ZONE)
     try:
         bundle = json.loads(fhir_bundle(rendered, msg, ZONE))
     except BundleError as e:

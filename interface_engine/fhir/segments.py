@@ -1,0 +1,611 @@
+"""The ``fhir`` namespace's segment maps: whole FHIR R4 resources from one segment (or a pair), in Python.
+
+A FHIR template used to build these resources in Jinja, field by field; run
+by the sandbox, that was most of a mapping's cost. The helpers here make the
+same resources (the same ids, the same elements) in one call each, and leave
+the message-level choices to the template: which segments, which events,
+which status. Each follows the segment map of the HL7 Version 2 to FHIR IG
+named in its docstring, and says where it departs.
+
+Every helper returns a dict: ``resources``, the resources to add, the one the
+helper is named after last (after the Practitioners, Organizations, Locations
+or RelatedPersons it refers to), and what a template needs next: ``id`` and
+``ref`` (a Reference to it), ``refs``, ``contact``, ``diagnosis``. A template
+may adjust a resource before adding it (``dict(made.resources[-1], ...)``).
+Values may be none, '' or empty lists: the bundle builder drops empty values.
+Ids come from ``fhir.id`` of business keys only, never from positions in the
+message or its control id, so a replay gives the same ids. ``'""'`` (the v2
+null) reads as empty.
+
+Arguments: segments (``msg.segment('PID')``, a loop variable over
+``msg.segments(...)``), a field path as the macros in ``_common.j2`` take it
+(``'PV1-7'``, ``'PV1-7[2]'``), ids as strings.
+"""
+
+from __future__ import annotations
+
+from jinja2.utils import url_quote
+
+from interface_engine.channels.helpers import HelperError, TemplateSegment, uuid5
+from interface_engine.fhir.datatypes import V2_0203, UCUM, FHIRNamespace
+
+NULL = '""'
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+_V2 = "http://terminology.hl7.org/CodeSystem/v2-"
+_VN = {"coding": [{"system": V2_0203, "code": "VN"}], "text": "visit number"}
+_UNKNOWN_CLASS = {"system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor", "code": "UNK", "display": "unknown"}
+_ENCOUNTER_PRACTITIONERS = (("PV1-7", "ATND", "attender"), ("PV1-8", "REF", "referrer"),
+                            ("PV1-9", "CON", "consultant"), ("PV1-17", "ADM", "admitter"))
+_ORGANISATION_CONTACTS = ("EMR", "E", "F", "I", "S")  # NK1-3 codes naming an organisation, not a person
+_ALLERGY_CATEGORY = {"DA": "medication", "FA": "food", "EA": "environment", "AA": "environment",
+                     "PA": "environment", "LA": "environment", "MA": None, "MC": "medication"}
+_SEVERITY = {"SV": "severe", "MO": "moderate", "MI": "mild"}
+_CRITICALITY = {"SV": "high", "MO": "low", "MI": "low", "U": "unable-to-assess"}
+_VERIFICATION = {"C": "confirmed", "U": "unconfirmed", "P": "unconfirmed", "S": "unconfirmed", "D": "unconfirmed",
+                 "I": "confirmed"}
+_DIAGNOSIS_ROLE = {"A": "AD", "F": "DD", "W": None}
+_CONDITION_CATEGORY = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                                    "code": "encounter-diagnosis"}]}]
+
+
+def _int(value, default: int) -> int:
+    """Jinja's ``int`` filter on text: an integer, else the integer part of a float, else ``default``."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return default
+
+
+def _float(value, default: float) -> float:
+    """Jinja's ``float`` filter."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _text(value: str) -> str:
+    """Trimmed, the v2 null as ''."""
+    return "" if value == NULL else value.strip()
+
+
+def _trimmed(value: str) -> str:
+    """Trimmed, then the v2 null as '' (a null with spaces around it too)."""
+    value = value.strip()
+    return "" if value == NULL else value
+
+
+def _ref(kind: str, rid: str | None, display=None) -> dict | None:
+    if not rid:
+        return None
+    return {"reference": f"{kind}/{rid}", "display": display} if display is not None else {"reference": f"{kind}/{rid}"}
+
+
+def _repetitions(seg: TemplateSegment, f: str) -> list[str]:
+    """The paths of field ``f``'s repetitions: ``f`` itself when it has one, ``f[1]``, ``f[2]``... otherwise."""
+    raw = seg[f]
+    if not raw:
+        return []
+    rep = seg._message.delimiters.repetition_sep
+    if not rep or rep not in raw:
+        return [f]
+    return [f"{f}[{r}]" for r in range(1, raw.count(rep) + 2)]
+
+
+def _segment(src, fn: str) -> TemplateSegment | None:
+    if src is None or isinstance(src, TemplateSegment):
+        return src if src is None or src.name else None
+    raise HelperError(f"fhir.{fn} reads a segment (msg.segment('PID'), a loop over msg.segments('NK1'))")
+
+
+def _field_path(f, fn: str) -> str:
+    if not isinstance(f, str) or "-" not in f:
+        raise HelperError(f"fhir.{fn}: the field is a path such as 'PV1-7' or 'PV1-7[2]'")
+    return f
+
+
+class FHIRHelpers(FHIRNamespace):
+    """``fhir`` as templates see it: the datatype helpers and the segment maps below."""
+
+    __slots__ = ()
+
+    # identifiers of an HD, an EI
+
+    def hd_system(self, namespace, universal, universal_type) -> str | None:
+        """An Identifier.system for an HD (namespace id, universal id, its type), by the rule
+        ``fhir.identifiers`` applies to CX.4, so that an XCN, XON or EI names the same system as a
+        CX from the same authority: the namespace id in table identifier-systems, else an OID
+        (ISO) or UUID as its URN, a URI as is, else ``urn:id:<namespace id>``."""
+        nsid, uid = _text(namespace or ""), _text(universal or "")
+        utype = (universal_type or "").strip().upper()
+        if nsid:
+            header, rows = self._table("hd_system", "identifier-systems", "system")
+            row = rows.get(nsid)
+            if row and row["system"]:
+                return row["system"]
+        oid = uid[8:] if uid[:8].lower() == "urn:oid:" else uid
+        if uid and utype == "ISO" and oid[:1] in "012" and "." in oid and _int(oid.replace(".", ""), -1) >= 0 \
+                and ".." not in oid:
+            return "urn:oid:" + oid
+        if uid and utype == "UUID" and len(uid) == 36:
+            return "urn:uuid:" + uid.lower()
+        if uid and utype in ("URI", "URL") and ":" in uid and " " not in uid:
+            return uid
+        if nsid:
+            return "urn:id:" + url_quote(nsid)
+        return None
+
+    def ei(self, src, f, type_code=None) -> dict | None:
+        """An Identifier from an EI (entity id ^ namespace id ^ universal id ^ type) at ``f`` (a field,
+        or a component such as SPM-2.1 whose parts are sub-components), typed with a v2-0203 code
+        (PLAC, FILL...); none when the EI has no entity id. A v2.7+ EI whose namespace component
+        holds a whole HD (NS&UID&TYPE) is read as such."""
+        seg = _segment(src, "ei")
+        if seg is None:
+            return None
+        f = _field_path(f, "ei")
+        value = _text(seg[f + ".1"])
+        if not value:
+            return None
+        if "." not in f and seg[f + ".2.2"]:
+            a, b, t = seg[f + ".2.1"], seg[f + ".2.2"], seg[f + ".2.3"]
+        else:
+            a, b, t = seg[f + ".2"], seg[f + ".3"], seg[f + ".4"]
+        return {"value": value, "system": self.hd_system(a, b, t),
+                "type": {"coding": [{"system": V2_0203, "code": type_code}]} if type_code else None}
+
+    # XCN, XON, PL
+
+    def practitioner(self, src, f) -> dict:
+        """XCN[Practitioner] for one repetition at ``f``: ``resources`` [the Practitioner] and ``ref``
+        (with the name as display), or none and [] when the XCN has neither id nor name.
+        Id from XCN.1 and its assigning authority XCN.9; without XCN.1, from the name
+        (departure: the IG always keys on XCN.1)."""
+        seg = _segment(src, "practitioner")
+        f = _field_path(f, "practitioner")
+        if seg is None:
+            return {"resources": [], "ref": None}
+        idv = _text(seg[f + ".1.1"])
+        family = _trimmed(seg[f + ".2.1"])
+        given = _trimmed(seg[f + ".3.1"])
+        if not (idv or family or given):
+            return {"resources": [], "ref": None}
+        middle = seg[f + ".4.1"].strip()
+        system = self.hd_system(seg[f + ".9.1"], seg[f + ".9.2"], seg[f + ".9.3"])
+        prid = uuid5("Practitioner", system, idv) if idv else uuid5("Practitioner", "name", family, given, middle)
+        identifiers = []
+        if idv:
+            id_type = seg[f + ".13.1"].strip()
+            identifiers.append({"value": idv, "system": system,
+                                "type": {"coding": [{"system": V2_0203, "code": id_type}]}
+                                if id_type and id_type != NULL else None})
+        names = []
+        if family or given:
+            names.append({"family": family, "given": [x for x in (given, middle) if x and x != NULL],
+                          "prefix": [x for x in (seg[f + ".6.1"].strip(),) if x and x != NULL],
+                          "suffix": [x for x in (seg[f + ".5.1"].strip(), seg[f + ".7.1"].strip())
+                                     if x and x != NULL]})
+        return {"resources": [{"resourceType": "Practitioner", "id": prid, "identifier": identifiers,
+                               "name": names}],
+                "ref": {"reference": "Practitioner/" + prid, "display": f"{given} {family}".strip() or None}}
+
+    def practitioners(self, src, f) -> dict:
+        """``practitioner`` for every repetition of XCN field ``f``: ``resources`` and ``refs``."""
+        seg = _segment(src, "practitioners")
+        f = _field_path(f, "practitioners")
+        resources, refs = [], []
+        for path in _repetitions(seg, f) if seg is not None else ():
+            made = self.practitioner(seg, path)
+            if made["ref"]:
+                resources += made["resources"]
+                refs.append(made["ref"])
+        return {"resources": resources, "refs": refs}
+
+    def organization(self, src, f) -> dict:
+        """XON[Organization] at ``f``: ``resources`` and ``ref``, none when the XON has neither name nor
+        id. Name XON.1, identifier XON.10 (else XON.3) with authority XON.6; the id from that
+        identifier, else the name."""
+        seg = _segment(src, "organization")
+        f = _field_path(f, "organization")
+        if seg is None or not seg[f]:
+            return {"resources": [], "ref": None}
+        name = _text(seg[f + ".1.1"])
+        idv = _text(seg[f + ".10.1"] or seg[f + ".3.1"])
+        if not (name or idv):
+            return {"resources": [], "ref": None}
+        system = self.hd_system(seg[f + ".6.1"], seg[f + ".6.2"], seg[f + ".6.3"])
+        oid = uuid5("Organization", system, idv) if idv else uuid5("Organization", "name", name)
+        return {"resources": [{"resourceType": "Organization", "id": oid, "name": name,
+                               "identifier": [{"value": idv, "system": system}] if idv else []}],
+                "ref": {"reference": "Organization/" + oid, "display": name or None}}
+
+    def location(self, src, f) -> dict:
+        """PL[Location] at ``f``: ``resources`` and ``ref``, none when empty. Simplified (departure):
+        one Location for the most granular level the PL names (bed, room, floor, point of care,
+        building, facility), keyed by all of them, named by the parts joined; no partOf chain."""
+        seg = _segment(src, "location")
+        f = _field_path(f, "location")
+        if seg is None or not seg[f]:
+            return {"resources": [], "ref": None}
+        poc, room, bed = seg[f + ".1.1"], seg[f + ".2.1"], seg[f + ".3.1"]
+        facility, building, floor = seg[f + ".4.1"], seg[f + ".7.1"], seg[f + ".8.1"]
+        parts = [p.strip() for p in (facility, building, floor, poc, room, bed) if p != NULL]
+        named = [p for p in parts if p]
+        if not named:
+            return {"resources": [], "ref": None}
+        lid = uuid5("Location", *parts)
+        kind = ("bd" if bed and bed != NULL else "ro" if room and room != NULL else "lvl" if floor and floor != NULL
+                else "wa" if poc and poc != NULL else "bu" if building and building != NULL else "si")
+        name = " ".join(named)
+        description = seg[f + ".9"]
+        return {"resources": [{
+            "resourceType": "Location", "id": lid, "name": name,
+            "description": description if description != NULL else None, "mode": "instance",
+            "physicalType": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/location-physical-type",
+                                         "code": kind}]}}],
+            "ref": {"reference": "Location/" + lid, "display": name}}
+
+    # PID, PD1
+
+    def patient_id(self, pid) -> str:
+        """The Patient id of a PID: PID-3's first identifier (value + system from its assigning
+        authority); without PID-3, PID-2 then PID-4; without any, the name and birth date
+        (departure: the IG does not say how to key a Patient)."""
+        pid = _segment(pid, "patient_id")
+        if pid is None:
+            raise HelperError("fhir.patient_id reads a PID segment")
+        mrns = self.identifiers(pid, "PID-3")
+        key = mrns[0] if mrns else self.identifier(pid, "PID-2") or self.identifier(pid, "PID-4")
+        if key:
+            return uuid5("Patient", key.get("system"), key.get("value"))
+        return uuid5("Patient", "name", pid["PID-5.1.1"], pid["PID-5.2"], pid["PID-7.1"])
+
+    def patient(self, pid, pd1=None, contacts=(), links=(), active=None) -> dict:
+        """PID[Patient] + PD1[Patient]: ``resources`` (PD1-4 Practitioners, the PD1-3 Organization, the
+        Patient), ``id``, ``ref``. ``contacts``, ``links``, ``active``: Patient.contact, .link, .active.
+        Left out: race and ethnicity (the IG maps them to Observations, realm specific), PID-21
+        mother's identifier, citizenship/nationality/animal extensions."""
+        pid = _segment(pid, "patient")
+        pd1 = _segment(pd1, "patient")
+        if pid is None:
+            raise HelperError("fhir.patient reads a PID segment")
+        mrns = self.identifiers(pid, "PID-3")
+        key = mrns[0] if mrns else self.identifier(pid, "PID-2") or self.identifier(pid, "PID-4")
+        patient_id = (uuid5("Patient", key.get("system"), key.get("value")) if key
+                      else uuid5("Patient", "name", pid["PID-5.1.1"], pid["PID-5.2"], pid["PID-7.1"]))
+        identifiers = self.identifiers(pid, "PID-2") + mrns + self.identifiers(pid, "PID-4")
+        ssn = pid["PID-19"]
+        if ssn and ssn != NULL:
+            identifiers.append({"system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn,
+                                "type": {"coding": [{"system": V2_0203, "code": "SS"}]}})
+        licence = pid["PID-20.1"]
+        if licence and licence != NULL:
+            identifiers.append({"value": licence, "type": {"coding": [{"system": V2_0203, "code": "DL"}]}})
+        telecom = []
+        for f, default_use in (("PID-13", "home"), ("PID-14", "work"), ("PID-40", None)):
+            for t in self.telecoms(pid, f):
+                telecom.append(dict(t, use=t.get("use") or default_use))
+        resources, gp = [], []
+        if pd1 is not None:
+            made = self.practitioners(pd1, "PD1-4")
+            resources += made["resources"]
+            gp += made["refs"]
+            made = self.organization(pd1, "PD1-3")
+            resources += made["resources"]
+            if made["ref"]:
+                gp.append(made["ref"])
+        extensions = []
+        maiden = pid["PID-6.1.1"]
+        if maiden and maiden != NULL:
+            extensions.append({"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
+                               "valueString": maiden})
+        religion = self.concept(pid, "PID-17", _V2 + "0006")
+        if religion:
+            extensions.append({"url": "http://hl7.org/fhir/StructureDefinition/patient-religion",
+                               "valueCodeableConcept": religion})
+        birthplace = pid["PID-23"]
+        if birthplace and birthplace != NULL:
+            extensions.append({"url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
+                               "valueAddress": {"text": birthplace}})
+        birth_date = self.date(pid, "PID-7")
+        birth_time = None
+        if len(_text(pid["PID-7.1"])) > 8 and birth_date:
+            birth_time = {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
+                                         "valueDateTime": self.datetime(pid, "PID-7")}]}
+        death = self.datetime(pid, "PID-29")
+        death_flag, multiple = pid["PID-30"], pid["PID-24"]
+        birth_order = _int(pid["PID-25"], -1)
+        language = self.concept(pid, "PID-15", "urn:ietf:bcp:47")
+        resources.append({
+            "resourceType": "Patient",
+            "id": patient_id,
+            "extension": extensions,
+            "identifier": identifiers,
+            "active": active,
+            "name": self.names(pid, "PID-5") + self.names(pid, "PID-9"),
+            "telecom": telecom,
+            "gender": self.code(pid["PID-8.1"], "v2-0001-gender"),
+            "birthDate": birth_date,
+            "_birthDate": birth_time,
+            "deceasedDateTime": death,
+            "deceasedBoolean": None if death else True if death_flag == "Y" else False if death_flag == "N" else None,
+            "address": self.addresses(pid, "PID-11"),
+            "maritalStatus": self.concept(pid, "PID-16", "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"),
+            "multipleBirthInteger": birth_order if birth_order > 0 else None,
+            "multipleBirthBoolean": None if birth_order > 0 else True if multiple == "Y"
+            else False if multiple == "N" else None,
+            "communication": [{"language": language}] if language else [],
+            "generalPractitioner": gp,
+            "contact": list(contacts or ()),
+            "link": list(links or ()),
+        })
+        return {"resources": resources, "id": patient_id, "ref": {"reference": "Patient/" + patient_id}}
+
+    # NK1
+
+    def next_of_kin(self, nk1, patient_id) -> dict:
+        """NK1[Patient] and NK1[RelatedPerson]: ``contact`` (a Patient.contact), ``resources`` [the
+        RelatedPerson] and ``ref``, or [] and none: as the ADT_A01 message map says, no RelatedPerson
+        when NK1-3 names an organisation (EMR, E, F, I, S) or NK1-2 has no name.
+        Id: patient + NK1-1 set id + NK1-2 name."""
+        nk1 = _segment(nk1, "next_of_kin")
+        if nk1 is None:
+            return {"contact": None, "resources": [], "ref": None}
+        names = self.names(nk1, "NK1-2")
+        relationship = self._relationship(nk1, "NK1-3")
+        role = self.concept(nk1, "NK1-7", _V2 + "0131")
+        relationships = [x for x in (relationship, role) if x]
+        telecom = self.telecoms(nk1, "NK1-5") + [dict(t, use="work") for t in self.telecoms(nk1, "NK1-6")]
+        other_telecom = self.telecoms(nk1, "NK1-40")
+        period = {"start": self.datetime(nk1, "NK1-8"), "end": self.datetime(nk1, "NK1-9")}
+        organisation = nk1["NK1-13.1"]
+        gender = self.code(nk1["NK1-15.1"], "v2-0001-gender")
+        addresses = self.addresses(nk1, "NK1-4")
+        contact = {
+            "relationship": relationships,
+            "name": names[0] if names else None,
+            "telecom": telecom + other_telecom,
+            "address": addresses[0] if addresses else None,
+            "gender": gender,
+            "organization": {"display": organisation} if organisation and organisation != NULL else None,
+            "period": period,
+        }
+        if not names or nk1["NK1-3.1"] in _ORGANISATION_CONTACTS:
+            return {"contact": contact, "resources": [], "ref": None}
+        rpid = uuid5("RelatedPerson", patient_id, nk1["NK1-1"], nk1["NK1-2"])
+        return {"contact": contact, "ref": {"reference": "RelatedPerson/" + rpid}, "resources": [{
+            "resourceType": "RelatedPerson",
+            "id": rpid,
+            "patient": _ref("Patient", patient_id),
+            "identifier": self.identifiers(nk1, "NK1-12") + self.identifiers(nk1, "NK1-33"),
+            "relationship": relationships,
+            "name": names + self.names(nk1, "NK1-30"),
+            "telecom": telecom + self.telecoms(nk1, "NK1-31") + other_telecom,
+            "address": addresses + self.addresses(nk1, "NK1-32"),
+            "gender": gender,
+            "birthDate": self.date(nk1, "NK1-16"),
+            "period": period,
+            "communication": [{"language": self.concept(nk1, "NK1-20", "urn:ietf:bcp:47")}] if nk1["NK1-20"] else [],
+        }]}
+
+    def _relationship(self, seg: TemplateSegment, f: str) -> dict | None:
+        """A relationship CWE (v2-0063) with the coding table v2-0063-relationship gives its code first."""
+        concept = self.concept(seg, f, _V2 + "0063")
+        mapped = self.coding(seg[f + ".1"], "v2-0063-relationship")
+        if not mapped:
+            return concept
+        return dict(concept or {}, coding=[mapped] + ((concept or {}).get("coding") or []))
+
+    # PV1, PV2
+
+    def encounter_id(self, pv1, patient_id) -> str | None:
+        """The Encounter id of a PV1: PV1-19 value + its assigning authority; else the patient id +
+        PV1-44; none without either (no stable key later messages about the visit would share)."""
+        pv1 = _segment(pv1, "encounter_id")
+        if pv1 is None:
+            return None
+        return self._encounter_id(pv1, self.identifier(pv1, "PV1-19"), patient_id)
+
+    @staticmethod
+    def _encounter_id(pv1: TemplateSegment, visit: dict | None, patient_id) -> str | None:
+        if visit and visit.get("value"):
+            return uuid5("Encounter", visit.get("system"), visit.get("value"))
+        admit = _text(pv1["PV1-44.1"])
+        return uuid5("Encounter", patient_id, admit) if admit else None
+
+    def encounter(self, pv1, pv2=None, patient_id=None, status=None, diagnoses=()) -> dict:
+        """PV1[Encounter] + PV2[Encounter]: ``resources`` (the Practitioners of PV1-7/8/9/17 and PV2-13,
+        the Locations, the Encounter), ``id``, ``ref``; none and [] when there is no id (see
+        encounter_id). ``status``: the trigger event's, when it says more than PV1 does; else
+        finished once PV1-45 (discharge) is valued, else by patient class (P planned, U or none
+        unknown, others in-progress). Locations: PV1-3 active (planned for class P; completed
+        once discharged, where the IG keeps active), PV1-6 completed, PV1-11 active, PV1-42
+        reserved. Left out: PV1-37, PV1-40, PV1-52/53/54, PV2-12 and PV2-22."""
+        pv1, pv2 = _segment(pv1, "encounter"), _segment(pv2, "encounter")
+        if pv1 is None:
+            return {"resources": [], "id": None, "ref": None}
+        visit = self.identifier(pv1, "PV1-19")
+        eid = self._encounter_id(pv1, visit, patient_id)
+        if not eid:
+            return {"resources": [], "id": None, "ref": None}
+        patient_class = pv1["PV1-2.1"].strip()
+        discharged = self.datetime(pv1, "PV1-45")
+        status = status or ("finished" if discharged else "planned" if patient_class == "P"
+                            else "unknown" if patient_class in ("", "U", NULL) else "in-progress")
+        resources, participants, locations = [], [], []
+        roles = list(_ENCOUNTER_PRACTITIONERS) + ([("PV2-13", "REF", "referrer")] if pv2 is not None else [])
+        for f, code, display in roles:
+            made = self.practitioners(pv2 if f.startswith("PV2") else pv1, f)
+            resources += made["resources"]
+            for ref in made["refs"]:
+                participants.append({"type": [{"coding": [{"system": PARTICIPATION, "code": code,
+                                                           "display": display}]}], "individual": ref})
+        first = "planned" if patient_class == "P" else "completed" if discharged else "active"
+        for f, location_status in (("PV1-3", first), ("PV1-6", "completed"), ("PV1-11", "active"),
+                                   ("PV1-42", "reserved")):
+            made = self.location(pv1, f)
+            resources += made["resources"]
+            if made["ref"]:
+                locations.append({"location": made["ref"], "status": location_status})
+        length = _float(pv2["PV2-11"], -1) if pv2 is not None else -1
+        resources.append({
+            "resourceType": "Encounter",
+            "id": eid,
+            "identifier": [dict(visit, type=_VN)] if visit else self.identifiers(pv1, "PV1-50"),
+            "status": status,
+            "class": self.coding(patient_class, "v2-0004-encounter-class") or _UNKNOWN_CLASS,
+            "type": [c for c in (self.concept(pv1, "PV1-4", _V2 + "0007"),) if c],
+            "serviceType": self.concept(pv1, "PV1-10", _V2 + "0069"),
+            "priority": self.concept(pv2, "PV2-25", _V2 + "0217") if pv2 is not None else None,
+            "subject": _ref("Patient", patient_id),
+            "participant": participants,
+            "period": {"start": self.datetime(pv1, "PV1-44"), "end": discharged},
+            "length": {"value": length, "unit": "days", "system": UCUM, "code": "d"} if length >= 0 else None,
+            "reasonCode": [c for c in (self.concept(pv2, "PV2-3"),) if c] if pv2 is not None else [],
+            "diagnosis": list(diagnoses or ()),
+            "hospitalization": {
+                "preAdmissionIdentifier": self.identifier(pv1, "PV1-5"),
+                "admitSource": self.concept(pv1, "PV1-14", _V2 + "0023"),
+                "reAdmission": self.concept(pv1, "PV1-13", _V2 + "0092"),
+                "dietPreference": [c for c in (self.concept(pv1, "PV1-38", _V2 + "0114"),) if c],
+                "specialCourtesy": [c for c in (self.concept(pv1, "PV1-16", _V2 + "0099"),) if c],
+                "specialArrangement": [c for c in (self.concept(pv1, "PV1-15", _V2 + "0009"),) if c],
+                "dischargeDisposition": self.concept(pv1, "PV1-36", _V2 + "0112"),
+            },
+            "location": locations,
+        })
+        return {"resources": resources, "id": eid, "ref": {"reference": "Encounter/" + eid}}
+
+    # AL1, IAM
+
+    def allergy(self, seg, patient_id, notes=()) -> dict:
+        """AL1[AllergyIntolerance] or IAM[AllergyIntolerance]: ``resources`` and ``ref``.
+        Id: patient + the allergen code (field 3, or its text) + its coding system, the same for
+        AL1 and IAM, so that an ADT's AL1 and a later A60 IAM update one resource. Both:
+        category and type from the allergen type (field 2, table 0127); criticality from the
+        severity (field 4, table 0128: SV high, MO/MI low, U unable-to-assess); a reaction only
+        when field 5 names one (FHIR requires a manifestation), with the severity as its
+        severity. AL1-6 is onsetDateTime. clinicalStatus active.
+        IAM only: identifier IAM-7; IAM-27 (clinician identified code) adds its codings to
+        code; onsetDateTime IAM-11, else onsetString IAM-12; recordedDate IAM-13; recorder
+        IAM-14 (XPN): the Patient when IAM-15 is SEL, a RelatedPerson with IAM-15 as its
+        relationship when IAM-15 names another, else a Practitioner keyed by the name (as an
+        XCN without id is). IAM-17 (table 0438, which R4's required bindings do not take as
+        is): C confirmed, U/P/S/D unconfirmed (verificationStatus), I clinicalStatus inactive,
+        E entered-in-error. Departure: IAM-6 D (delete) is verificationStatus entered-in-error
+        too, so a deleted allergy does not stay active; the IG leaves IAM-6 unmapped.
+        ``notes``: Annotations (the NTE after the IAM)."""
+        seg = _segment(seg, "allergy")
+        if seg is None or seg.name not in ("AL1", "IAM"):
+            raise HelperError("fhir.allergy reads an AL1 or IAM segment")
+        f = seg.name
+        iam = f == "IAM"
+        code = self.concept(seg, f + "-3")
+        key = seg[f + "-3.1"] or seg[f + "-3.2"] or seg[f + "-3"]
+        if not (code and key):
+            return {"resources": [], "ref": None}
+        aid = uuid5("AllergyIntolerance", patient_id, key, seg[f + "-3.3"])
+        kind = seg[f + "-2.1"].strip().upper()
+        severity = seg[f + "-4.1"].strip().upper()
+        codings = code.get("coding") or []
+        reactions = []
+        for path in _repetitions(seg, f + "-5"):
+            text = seg[path]
+            if text and text != NULL:
+                reactions.append({"manifestation": [{"text": text}], "severity": _SEVERITY.get(severity)})
+        resources = []
+        clinical, verification, onset_text, identifier, recorder = "active", None, None, None, None
+        patient_ref = _ref("Patient", patient_id)
+        if iam:
+            identifier = self.ei(seg, "IAM-7")
+            for c in (self.concept(seg, "IAM-27") or {}).get("coding") or []:
+                if c not in codings:
+                    codings = codings + [c]
+            status = seg["IAM-17.1"].strip().upper()
+            verification = ("entered-in-error" if status == "E" or seg["IAM-6.1"].strip().upper() == "D"
+                            else _VERIFICATION.get(status))
+            clinical = None if verification == "entered-in-error" else "inactive" if status == "I" else "active"
+            onset_text = seg["IAM-12"] if not self.datetime(seg, "IAM-11") and seg["IAM-12"] != NULL else None
+            names = self.names(seg, "IAM-14")
+            relation = seg["IAM-15.1"].strip().upper()
+            if names and relation == "SEL":
+                recorder = patient_ref
+            elif names and relation and relation != NULL:
+                rpid = uuid5("RelatedPerson", patient_id, "reported-by", seg["IAM-14"])
+                resources.append({"resourceType": "RelatedPerson", "id": rpid, "patient": patient_ref,
+                                  "relationship": [r for r in (self._relationship(seg, "IAM-15"),) if r],
+                                  "name": names})
+                recorder = {"reference": "RelatedPerson/" + rpid}
+            elif names:
+                prid = uuid5("Practitioner", "name", seg["IAM-14.1.1"].strip(), seg["IAM-14.2"].strip(),
+                             seg["IAM-14.3"].strip())
+                resources.append({"resourceType": "Practitioner", "id": prid, "name": names})
+                recorder = {"reference": "Practitioner/" + prid}
+        category = _ALLERGY_CATEGORY.get(kind)
+        resources.append({
+            "resourceType": "AllergyIntolerance",
+            "id": aid,
+            "identifier": [identifier] if identifier else [],
+            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                                           "code": clinical}]} if clinical else None,
+            "verificationStatus": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
+                "code": verification}]} if verification else None,
+            "type": "intolerance" if kind == "MC" else "allergy" if kind else None,
+            "category": [category] if category else [],
+            "criticality": _CRITICALITY.get(severity),
+            "code": dict(code, coding=codings),
+            "patient": patient_ref,
+            "onsetDateTime": self.datetime(seg, "IAM-11" if iam else "AL1-6"),
+            "onsetString": onset_text,
+            "recordedDate": self.datetime(seg, "IAM-13") if iam else None,
+            "recorder": recorder,
+            "reaction": reactions,
+            "note": list(notes or ()),
+        })
+        return {"resources": resources, "ref": {"reference": "AllergyIntolerance/" + aid}}
+
+    # DG1
+
+    def condition(self, dg1, patient_id, encounter_id=None) -> dict:
+        """DG1[Condition]: ``resources`` (the DG1-16 Practitioner, the Condition), ``ref`` and
+        ``diagnosis`` (an Encounter.diagnosis for it, DG1[Encounter]: use from DG1-6, rank DG1-15).
+        Id: patient + DG1-3 code + its coding system (or DG1-4 text). Category
+        encounter-diagnosis; verificationStatus entered-in-error when DG1-21 is D."""
+        dg1 = _segment(dg1, "condition")
+        if dg1 is None:
+            return {"resources": [], "ref": None, "diagnosis": None}
+        code = self.concept(dg1, "DG1-3")
+        text = dg1["DG1-4"]
+        text = "" if text == NULL else text
+        code_value = dg1["DG1-3.1"]
+        key = code_value or text
+        if not key:
+            return {"resources": [], "ref": None, "diagnosis": None}
+        cid = uuid5("Condition", patient_id, key, dg1["DG1-3.3"] if code_value else "text")
+        asserter = self.practitioner(dg1, "DG1-16")
+        ref = {"reference": "Condition/" + cid}
+        role = _DIAGNOSIS_ROLE.get(dg1["DG1-6.1"].strip().upper())
+        rank = _int(dg1["DG1-15"], 0)
+        return {"ref": ref, "resources": asserter["resources"] + [{
+            "resourceType": "Condition",
+            "id": cid,
+            "identifier": [i for i in (self.identifier(dg1, "DG1-20"),) if i],
+            "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                                               "code": "entered-in-error"}]} if dg1["DG1-21"] == "D" else None,
+            "category": _CONDITION_CATEGORY,
+            "code": dict(code or {}, text=(code or {}).get("text") or text or None),
+            "subject": _ref("Patient", patient_id),
+            "encounter": _ref("Encounter", encounter_id),
+            "onsetDateTime": self.datetime(dg1, "DG1-5"),
+            "recordedDate": self.datetime(dg1, "DG1-19"),
+            "asserter": asserter["ref"],
+        }], "diagnosis": {
+            "condition": ref,
+            "use": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/diagnosis-role", "code": role}]}
+            if role else None,
+            "rank": rank if rank > 0 else None}}

@@ -1,0 +1,107 @@
+"""The fhir namespace's segment maps (interface_engine/fhir/segments.py), called from templates.
+
+What they make, message by message, is checked against the templates' expected output by
+test_fhir_templates.py, test_fhir_expected.py and the corpus; here: their contract with a template.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from interface_engine import hl7
+from interface_engine.channels.helpers import ENGINE_NAMESPACE
+from interface_engine.channels.templating import Mappings, TemplateError
+
+MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
+LINES = [
+    "MSH|^~\\&|ADT_APP|GEN|ENGINE|HUB|20260101120000||ADT^A01^ADT_A01|MSG1|P|2.5.1",
+    "PID|1||MRN1^^^GEN&2.999.1&ISO^MR||DOE^JANE||19800101|F",
+    "PD1|||CLINIC^^^^^GEN&2.999.1&ISO^^^^C1|11^SMITH^ANN",
+    "PV1|1|I|W1^101^A^GEN||||22^WELBY^MARCUS~33^KILDARE^JAMES||||||||||||V1^^^GEN&2.999.1&ISO^VN",
+    "PV1|1|O",
+    "DG1|1||I10^Hypertension^I10||20260101|A|||||||||1|44^HOUSE^GREG",
+    "AL1|1|DA|PCN^Penicillin^L|SV|HIVES~RASH",
+]
+MSG = hl7.parse(("\r".join(LINES) + "\r").encode())
+_mappings = Mappings(MAPPINGS)
+
+
+def run(expression: str):
+    text = _mappings.render_string("{% set pid = msg.segment('PID') %}{% set pv1 = msg.segments('PV1')[0] %}"
+                                   "{{ (" + expression + ") | tojson }}", MSG, timezone="UTC")
+    return json.loads(text)
+
+
+def fhir_id(*parts) -> str:
+    return str(uuid.uuid5(ENGINE_NAMESPACE, "|".join("" if p is None else str(p) for p in parts)))
+
+
+def test_patient_is_last_after_what_it_refers_to_with_the_id_of_its_business_key():
+    made = run("fhir.patient(pid, msg.segment('PD1'))")
+    assert [r["resourceType"] for r in made["resources"]] == ["Practitioner", "Organization", "Patient"]
+    patient = made["resources"][-1]
+    mrn = run("fhir.identifier(pid, 'PID-3')")
+    assert patient["id"] == made["id"] == run("fhir.patient_id(pid)") == fhir_id("Patient", mrn["system"], "MRN1")
+    assert made["ref"] == {"reference": "Patient/" + patient["id"]}
+    assert [g["reference"].split("/")[0] for g in patient["generalPractitioner"]] == ["Practitioner", "Organization"]
+
+
+def test_a_template_can_adjust_a_resource_before_adding_it():
+    patient = run("dict(fhir.patient(pid).resources[-1], active=false)")
+    assert patient["active"] is False and patient["resourceType"] == "Patient"
+
+
+def test_encounter_with_its_practitioners_and_location():
+    made = run("fhir.encounter(pv1, none, 'p1', 'in-progress')")
+    kinds = [r["resourceType"] for r in made["resources"]]
+    assert kinds == ["Practitioner", "Practitioner", "Location", "Encounter"]
+    encounter = made["resources"][-1]
+    assert encounter["id"] == made["id"] == run("fhir.encounter_id(pv1, 'p1')")
+    assert [p["individual"]["display"] for p in encounter["participant"]] == ["MARCUS WELBY", "JAMES KILDARE"]
+    assert encounter["status"] == "in-progress" and encounter["subject"] == {"reference": "Patient/p1"}
+
+
+def test_no_encounter_without_visit_number_or_admit_time():
+    assert run("fhir.encounter(msg.segments('PV1')[1], none, 'p1')") == {"resources": [], "id": None, "ref": None}
+    assert run("fhir.encounter_id(msg.segments('PV1')[1], 'p1')") is None
+
+
+def test_condition_gives_its_encounter_diagnosis():
+    made = run("fhir.condition(msg.segment('DG1'), 'p1', 'e1')")
+    condition = made["resources"][-1]
+    assert made["resources"][0]["resourceType"] == "Practitioner" and condition["asserter"]["display"] == "GREG HOUSE"
+    assert condition["encounter"] == {"reference": "Encounter/e1"}
+    assert made["diagnosis"]["condition"] == made["ref"] and made["diagnosis"]["rank"] == 1
+
+
+def test_allergy_reactions_per_repetition():
+    allergy = run("fhir.allergy(msg.segment('AL1'), 'p1')")["resources"][-1]
+    assert [r["manifestation"][0]["text"] for r in allergy["reaction"]] == ["HIVES", "RASH"]
+    assert allergy["id"] == fhir_id("AllergyIntolerance", "p1", "PCN", "L")
+
+
+@pytest.mark.parametrize(("args", "system"), [
+    ("'', '2.999.7', 'ISO'", "urn:oid:2.999.7"),
+    ("'', 'urn:oid:2.999.7', 'iso'", "urn:oid:2.999.7"),
+    ("'', '2.999..7', 'ISO'", None),
+    ("'', 'F81D4FAE-7DEC-11D0-A765-00A0C91E6BF6', 'UUID'", "urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6"),
+    ("'', 'https://example.org/ids', 'URI'", "https://example.org/ids"),
+    ("'MY LAB', '', ''", "urn:id:MY%20LAB"),
+    ("'\"\"', '', ''", None),
+])
+def test_hd_system_follows_the_cx4_rule(args, system):
+    assert run(f"fhir.hd_system({args})") == system
+
+
+@pytest.mark.parametrize(("expression", "reason"), [
+    ("fhir.patient(msg)", "fhir.patient reads a segment"),
+    ("fhir.practitioner(pv1, 7)", "fhir.practitioner: the field is a path"),
+    ("fhir.allergy(pid, 'p1')", "fhir.allergy reads an AL1 or IAM segment"),
+])
+def test_a_wrong_argument_is_a_template_error_naming_the_helper(expression, reason):
+    with pytest.raises(TemplateError, match=reason):
+        run(expression)
