@@ -185,7 +185,7 @@ def channel_engine(variant: str, workdir: Path, receiver_port: int):
         "[engine]\n"
         'log_level = "warn"\n'
         + own_files(workdir) +
-        "[store]\n"
+        "[admin]\nport = 0\n[store]\n"
         f"url = {toml_string(f'sqlite:///{store}')}\n"
         "[channels]\n"
         f"directory = {toml_string(str(channels))}\n"

@@ -112,7 +112,7 @@ def fhir_engine(workdir: Path, base: str):
     config.write_text(
         '[engine]\nlog_level = "warn"\n'
         + own_files(workdir) +
-        f"[store]\nurl = {toml_string(f'sqlite:///{store}')}\n"
+        f"[admin]\nport = 0\n[store]\nurl = {toml_string(f'sqlite:///{store}')}\n"
         f"[channels]\ndirectory = {toml_string(str(channels))}\n"
         f"mappings = {toml_string(str(REPO / 'mappings'))}\n")
     argv = [sys.executable, "-m", "interface_engine", "run", "--config", str(config)]

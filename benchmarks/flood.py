@@ -39,7 +39,7 @@ def engine_config(workdir: Path, port: int, cap: int) -> Path:
     config.write_text(
         '[engine]\nlog_level = "warn"\n'
         + own_files(workdir) +
-        f"[store]\nurl = {toml_string('sqlite:///' + str(workdir / 'store.db'))}\n"
+        f"[admin]\nport = 0\n[store]\nurl = {toml_string('sqlite:///' + str(workdir / 'store.db'))}\n"
         f"[channels]\ndirectory = {toml_string(str(workdir / 'no-channels'))}\n"
         f'[[listeners]]\nname = "flood"\nhost = "{HOST}"\nport = {port}\n'
         f'max_connections = {cap}\nmax_connections_per_peer = {cap}\nframe_timeout = "2s"\nidle_timeout = "10m"\n')

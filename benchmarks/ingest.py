@@ -429,7 +429,7 @@ def engine(name: str, store_url: str, workdir: Path):
         "[engine]\n"
         'log_level = "warn"\n'
         + own_files(workdir) +
-        "[store]\n"
+        "[admin]\nport = 0\n[store]\n"
         f"url = {toml_string(store_url)}\n"
         # No channels: the benchmark measures ingest alone, and runs from the repository
         # root, whose sample channels name listeners this config does not have.

@@ -232,6 +232,19 @@ class AuditTrail:
             for row in conn.execution_options(stream_results=True, yield_per=2000).execute(query):
                 yield row._asdict()
 
+    def page(self, *, since: datetime | None = None, action: str | None = None,
+             before: int | None = None, limit: int = 100) -> list[dict]:
+        """Events newest first, for the admin API: one page, `before` the last id of the previous one."""
+        query = select(audit_events).order_by(audit_events.c.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(audit_events.c.at >= since)
+        if action:
+            query = query.where(audit_events.c.action == action)
+        if before is not None:
+            query = query.where(audit_events.c.id < before)
+        with self.db.connect() as conn:
+            return [row._asdict() for row in conn.execute(query)]
+
 
 class RefusalAudit:
     """`auth.failed` events for peers refused at the door (TLS handshake, allow-list).

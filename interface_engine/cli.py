@@ -741,3 +741,126 @@ def status(config_path, as_json):
 
     counts = _open_store(config_path).status()
     click.echo(inspection.status_json(counts) if as_json else inspection.status_table(counts))
+
+
+# -- the admin console's users and API tokens ----------------------------------------------
+
+
+def _accounts(config_path):
+    from .admin.auth import Accounts
+
+    return Accounts(_open_store(config_path))
+
+
+def _account_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .admin.auth import AccountError
+
+        try:
+            return fn(*args, **kwargs)
+        except AccountError as e:
+            raise Failure(str(e)) from None
+    return wrapper
+
+
+def _password(stdin: bool) -> str:
+    if stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return click.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+@main.group()
+def users():
+    """Manage the people who log in to the admin console (passwords stored as scrypt hashes)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(["viewer", "analyst", "operator", "admin"]),
+              help="viewer: counts and metadata; analyst: also content; operator: also replay; "
+                   "admin: also users and reload.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@config_option
+@user_errors
+@_account_errors
+def users_add(name, role, password_stdin, config_path):
+    """Add a user (at least 12 characters of password)."""
+    _accounts(config_path).add_user(name, role, _password(password_stdin))
+    click.echo(f"user {name} added with role {role}")
+
+
+@users.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@config_option
+@user_errors
+@_account_errors
+def users_passwd(name, password_stdin, config_path):
+    """Set a user's password."""
+    _accounts(config_path).set_password(name, _password(password_stdin))
+    click.echo(f"password of {name} changed")
+
+
+@users.command("remove")
+@click.argument("name")
+@config_option
+@user_errors
+@_account_errors
+def users_remove(name, config_path):
+    """Remove a user; their browser sessions end within a few seconds of the next request."""
+    _accounts(config_path).remove_user(name)
+    click.echo(f"user {name} removed")
+
+
+@users.command("list")
+@config_option
+@user_errors
+def users_list(config_path):
+    """Users and their roles."""
+    from . import inspection
+
+    click.echo(inspection.table(("name", "role", "created_at"), [
+        (u["name"], u["role"], u["created_at"].strftime("%Y-%m-%d %H:%M")) for u in _accounts(config_path).users()]))
+
+
+@main.group()
+def tokens():
+    """Manage API tokens for scripts and monitoring (stored as hashes; shown once, at creation)."""
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(["viewer", "analyst", "operator", "admin"]))
+@config_option
+@user_errors
+@_account_errors
+def tokens_create(name, role, config_path):
+    """Create a token and print it, this once; send it as `Authorization: Bearer <token>`."""
+    click.echo(_accounts(config_path).create_token(name, role))
+    click.echo("keep it now: it is stored only as a hash and cannot be shown again; a running engine "
+               "accepts it within a few seconds", err=True)
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@config_option
+@user_errors
+@_account_errors
+def tokens_revoke(token_id, config_path):
+    """Revoke a token by its id (the 8 characters after `iet_`); refused within a few seconds."""
+    _accounts(config_path).revoke_token(token_id)
+    click.echo(f"token {token_id} revoked")
+
+
+@tokens.command("list")
+@config_option
+@user_errors
+def tokens_list(config_path):
+    """Tokens: id, name, role, created, revoked. Never the secret."""
+    from . import inspection
+
+    stamp = lambda t: t.strftime("%Y-%m-%d %H:%M") if t else "-"  # noqa: E731
+    click.echo(inspection.table(("id", "name", "role", "created_at", "revoked_at"), [
+        (t["id"], t["name"], t["role"], stamp(t["created_at"]), stamp(t["revoked_at"]))
+        for t in _accounts(config_path).tokens()]))

@@ -71,6 +71,19 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin HTTP server: API, console, metrics and health checks."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 2580
+    tls: object | None = None          # tls.ServerTLS; required off the loopback interface
+    session_timeout: float = 1800.0
+    #: bodies of authenticated requests above this are refused before they are read
+    max_body: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     path: str
     log_level: str = "info"
@@ -86,6 +99,7 @@ class EngineConfig:
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     audit: AuditConfig = field(default_factory=AuditConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     retention: RetentionConfig = field(default_factory=lambda: RetentionConfig())
 
 
@@ -249,6 +263,8 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
                         checkpoint_interval=a.duration("checkpoint_interval", d.checkpoint_interval))
     a.done()
 
+    admin = read_admin(top.table("admin"))
+
     top.used.add("listeners")
     raw_listeners = data.get("listeners", [])
     if not isinstance(raw_listeners, list):
@@ -265,7 +281,29 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
     top.done()
     return EngineConfig(path=path, log_level=log_level, log_format=log_format, pid_file=pid_file,
                         node=node, queue_lease=queue_lease, keys_file=keys_file, store=store, hl7=hl7,
-                        channels=channels, listeners=tuple(listeners), audit=audit, retention=retention)
+                        channels=channels, listeners=tuple(listeners), audit=audit, admin=admin,
+                        retention=retention)
+
+
+def read_admin(section: Section) -> AdminConfig:
+    import ipaddress
+
+    from .tls import read_server
+
+    d = AdminConfig()
+    admin = AdminConfig(enabled=section.bool("enabled", d.enabled), host=section.str("host", d.host),
+                        port=section.int("port", d.port, 0, 65535), tls=read_server(section.table("tls")),
+                        session_timeout=section.duration("session_timeout", d.session_timeout),
+                        max_body=section.int("max_body", d.max_body, 1024))
+    section.done()
+    try:
+        loopback = ipaddress.ip_address(admin.host).is_loopback
+    except ValueError:
+        loopback = admin.host == "localhost"
+    if admin.enabled and not loopback and admin.tls is None:
+        section.fail("tls", f"required when host is not a loopback address ({admin.host!r}): "
+                            "sessions and tokens must not cross the network in clear")
+    return admin
 
 
 def read_listener(section: Section, name: str, *, ack_mode: bool = True) -> ListenerConfig:

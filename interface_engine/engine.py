@@ -100,6 +100,8 @@ class Engine(service.MultiService):
         if config.retention.schedule:
             self.retention = RetentionService(self.store, config.retention, self.reactor, self.audit)
             self.retention.setServiceParent(self)
+        if config.admin.enabled:
+            self._admin()
         try:
             self._arrange(self.channels)
             super().startService()
@@ -180,6 +182,32 @@ class Engine(service.MultiService):
                 source = DirectorySource(channel, ingest, self.reactor)
                 self.sources[name] = source
                 source.setServiceParent(self)
+
+    def _admin(self):
+        """The admin server, with API tokens kept in memory and re-read every few seconds."""
+        from .admin.api import Api
+        from .admin.auth import TOKEN_REFRESH, Accounts, Gate
+        from .admin.server import AdminService, AdminSite
+
+        config = self.config.admin
+        gate = Gate(config.session_timeout)
+        accounts = Accounts(self.store)
+        gate.tokens = accounts.live_tokens()
+
+        def refresh():
+            d = threads.deferToThread(accounts.live_tokens)
+            d.addCallbacks(lambda tokens: setattr(gate, "tokens", tokens),
+                           lambda f: log.error("could not re-read the API tokens: {error}",
+                                               error=f.getErrorMessage()))
+        site = AdminSite(Api(self, gate).routes(), gate, config.max_body, self.audit, self.refusals)
+        AdminService(config, site, self.reactor).setServiceParent(self)
+        internet.TimerService(TOKEN_REFRESH, refresh).setServiceParent(self)
+
+    def audit_later(self, action: str, **event):
+        """Record an audit event from the reactor: the write goes to a thread."""
+        d = threads.deferToThread(self.audit.record, action, **event)
+        d.addErrback(lambda f: log.error("could not audit {action}: {error}", action=action,
+                                         error=f.getErrorMessage()))
 
     def watch_keys(self):
         """Take up a changed key file: after `keys rotate`, new writes use the new data key."""

@@ -105,7 +105,12 @@ def decision(row: dict, deliveries: list[dict]) -> str:
 
 
 def show_json(row: dict, deliveries: list[dict]) -> str:
-    out = {
+    return json.dumps(shown(row, deliveries), indent=2)
+
+
+def shown(row: dict, deliveries: list[dict]) -> dict:
+    """Everything about a message, content included: for those who may see it."""
+    return {
         "message": jsonable(row), "raw": text_of(row["raw"]), "answer": text_of(row["ack"]),
         "segments": segments(row["raw"]), "channel": row["channel"],
         "filter_reason": row["filter_reason"], "decision": decision(row, deliveries),
@@ -115,7 +120,21 @@ def show_json(row: dict, deliveries: list[dict]) -> str:
                                        for a in d["attempt_log"]]}
                        for d in deliveries],
     }
-    return json.dumps(out, indent=2)
+
+
+#: What a delivery shows without content: a far side's error text may quote the message.
+_DELIVERY_METADATA = ("id", "destination", "state", "attempts", "next_attempt_at", "created_at",
+                      "updated_at", "replay_of", "replay_id")
+
+
+def outline(row: dict, deliveries: list[dict]) -> dict:
+    """A message without its content (raw, outputs, answers, far-side error texts)."""
+    return {
+        "message": jsonable({k: v for k, v in row.items() if k not in ("raw", "ack")}),
+        "channel": row["channel"], "filter_reason": row["filter_reason"],
+        "decision": decision(row, deliveries),
+        "deliveries": [jsonable({k: d[k] for k in _DELIVERY_METADATA}) for d in deliveries],
+    }
 
 
 def show_segments(raw: bytes) -> str:

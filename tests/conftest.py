@@ -86,6 +86,7 @@ SCHEMA_HEAD = sorted(p.name[:4] for p in (ROOT / "interface_engine" / "store" / 
                      .glob("[0-9][0-9][0-9][0-9]_*.py"))[-1]
 
 LISTENING = re.compile(r"listening for MLLP on [\d.]+:(\d+) \((\S+)\)")
+ADMIN_LISTENING = re.compile(r"admin listening on (https?://[\d.]+:\d+)")
 
 
 def _toml(value) -> str:
@@ -111,6 +112,8 @@ class EngineProcess:
         own = [f'[{table}]\n{key} = "{workdir / "var" / name}"' for table, key, name in
                (("keys", "file", "keys.json"), ("audit", "checkpoint_file", "audit-checkpoint.json"))
                if f"[{table}]" not in extra]
+        if "[admin]" not in extra:
+            own.append("[admin]\nport = 0")
         lines = ["[engine]", *(f'{k} = "{v}"' for k, v in ({"log_level": "debug"} | (engine or {})).items()),
                  "[store]", f'url = "{store_url}"', extra, *own, "[[listeners]]"]
         for key, value in settings.items():
@@ -138,6 +141,13 @@ class EngineProcess:
 
     def log(self) -> str:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+    @property
+    def admin_url(self) -> str:
+        """The admin server's base URL, from the engine's log."""
+        m = ADMIN_LISTENING.search(self.log())
+        assert m, "the admin server did not start:\n" + self.log()
+        return m.group(1)
 
     def open_store(self, **options) -> Store:
         """The engine's store with its key file, as the CLI opens it: contents readable."""

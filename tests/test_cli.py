@@ -109,7 +109,7 @@ def test_port_in_use_is_one_line(engine_factory, tmp_path):
     engine = engine_factory()
     config = tmp_path / "second.toml"
     config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/other.db"\n'
-                      f'[[listeners]]\nport = {engine.port}\n')
+                      f'[admin]\nport = 0\n[[listeners]]\nport = {engine.port}\n')
     assert_one_line_error(cli("run", "--config", config), f"cannot listen on 127.0.0.1:{engine.port}")
 
 

@@ -110,6 +110,11 @@ class ChannelRuntime:
             worker.start()
         yield self._resume()
 
+    def wake_all(self):
+        """Deliveries were queued from outside the runtime (a replay): read the queues now."""
+        for worker in self.workers.values():
+            worker.wake()
+
     @defer.inlineCallbacks
     def stop(self):
         self._running = False

@@ -176,3 +176,22 @@ queue_leases = Table(
     Column("token", String(32), comment="the owner's process run: a restarted node waits like the others"),
     Column("expires_at", DateTime(), comment="UTC, the database's clock"),
 )
+# -- admin console: users and API tokens, as hashes only (admin/auth.py) ----------------------
+
+admin_users = Table(
+    "admin_users", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False, comment="viewer, analyst, operator or admin"),
+    Column("password_hash", String(255), nullable=False, comment="scrypt, salted"),
+    Column("created_at", DateTime(), nullable=False, comment="UTC"),
+)
+
+api_tokens = Table(
+    "api_tokens", metadata,
+    Column("id", String(16), primary_key=True, comment="the public part of the token"),
+    Column("name", String(64), nullable=False, comment="what it is for, e.g. prometheus"),
+    Column("role", String(16), nullable=False),
+    Column("secret_hash", String(64), nullable=False, comment="SHA-256 of the secret part"),
+    Column("created_at", DateTime(), nullable=False, comment="UTC"),
+    Column("revoked_at", DateTime(), comment="UTC; NULL: in use"),
+)

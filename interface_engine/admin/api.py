@@ -1,0 +1,266 @@
+"""The admin REST API, `/api/v1`, and the open health checks; described in openapi.json beside this file.
+
+Handlers run on the reactor and send store work to threads. Each route names the
+least role that may call it (auth.ROLES); what a role may see inside an answer
+(message content only from `analyst` up) is decided here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+from twisted.internet import threads
+
+from .. import inspection
+from ..audit import FAILURE, SUCCESS
+from ..store.search import SearchError, parse_time
+from .auth import Gate
+from .server import LOGIN_MAX_BODY, ApiError, Raw, json_body, route
+
+OPENAPI = Path(__file__).with_name("openapi.json")
+
+
+class Api:
+    def __init__(self, engine, gate: Gate):
+        self.engine, self.gate = engine, gate
+        self.started = time.time()
+
+    def routes(self) -> list:
+        return [
+            route("GET", "/healthz", None, self.healthz),
+            route("GET", "/readyz", None, self.readyz),
+            route("POST", "/login", None, self.login, max_body=LOGIN_MAX_BODY),
+            route("POST", "/logout", "viewer", self.logout, changes=True),
+            route("GET", "/api/v1/openapi.json", "viewer", self.openapi),
+            route("GET", "/api/v1/session", "viewer", self.session),
+            route("GET", "/api/v1/engine", "viewer", self.engine_info),
+            route("GET", "/api/v1/channels", "viewer", self.channels),
+            route("GET", "/api/v1/messages", "viewer", self.search),
+            route("GET", "/api/v1/messages/{message_id}", "viewer", self.message),
+            route("POST", "/api/v1/replay", "operator", self.replay, changes=True),
+            route("GET", "/api/v1/audit", "operator", self.audit_page),
+            route("POST", "/api/v1/reload", "admin", self.reload, changes=True),
+        ]
+
+    # -- health ------------------------------------------------------------------------
+
+    def healthz(self, request):
+        return {"status": "alive"}
+
+    def readyz(self, request):
+        """Ready when the store answers and every listener is bound; 503 with the reasons otherwise."""
+        engine = self.engine
+        problems = [f"listener {name} is not bound" for name, svc in engine.listeners.items()
+                    if svc.port is None]
+
+        def store_answers():
+            with engine.store._connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+
+        def answer(failure=None):
+            if failure is not None:
+                problems.append(f"store unreachable: {failure.getErrorMessage().splitlines()[0]}")
+            body = {"status": "ready" if not problems else "not ready", "problems": problems}
+            return Raw(json.dumps(body).encode(), b"application/json", 200 if not problems else 503)
+        return threads.deferToThread(store_answers).addCallbacks(lambda _: answer(), answer)
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def login(self, request):
+        """A browser login (form or JSON: user, password) → session cookie. Failures are audited."""
+        fields = _fields(request)
+        name, password = str(fields.get("user", "")), str(fields.get("password", ""))
+        from .auth import Accounts
+
+        accounts = Accounts(self.engine.store)
+
+        def done(role):
+            peer = _peer(request)
+            self.engine.audit_later("auth.login", actor=f"user:{name}"[:128], object_type="session",
+                                    object_id="admin", source=peer,
+                                    outcome=SUCCESS if role else FAILURE)
+            if role is None:
+                raise ApiError(401, "wrong user name or password")
+            session_id = self.gate.open_session(name, role)
+            secure = self.engine.config.admin.tls is not None
+            request.addCookie(Gate.COOKIE, session_id.encode(), path=b"/", httpOnly=True,
+                              secure=secure, sameSite=b"strict")
+            return {"user": name, "role": role, "csrf": self.gate.sessions[session_id].csrf}
+        return threads.deferToThread(accounts.verify, name, password).addCallback(done)
+
+    def logout(self, request):
+        self.gate.close_session(request.getCookie(Gate.COOKIE))
+        request.addCookie(Gate.COOKIE, b"", path=b"/", max_age=0, httpOnly=True, sameSite=b"strict")
+        return {"status": "logged out"}
+
+    def session(self, request):
+        p = request.principal
+        return {"name": p.name, "role": p.role, "kind": p.kind, "csrf": p.csrf}
+
+    # -- reading ------------------------------------------------------------------------
+
+    def openapi(self, request):
+        return Raw(OPENAPI.read_bytes(), b"application/json")
+
+    def engine_info(self, request):
+        from importlib.metadata import version
+
+        engine = self.engine
+        return {"node": engine.config.node, "version": version("interface-engine"), "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 1),
+                "listeners": [{"name": name, "port": svc.port.getHost().port if svc.port else None}
+                              for name, svc in sorted(engine.listeners.items())],
+                "channels": [c.name for c in engine.channels]}
+
+    def channels(self, request):
+        """Every channel's counts by state and each destination's queue (from the store's indexes)."""
+        def work():
+            return json.loads(inspection.status_json(self.engine.store.status()))
+        return threads.deferToThread(work)
+
+    def search(self, request):
+        args = _args(request)
+        if "patient" in args and not request.principal.may("analyst"):
+            self._denied(request, "analyst", "search by patient")
+            raise ApiError(403, "searching by patient needs the analyst role")
+        try:
+            criteria = inspection.criteria(
+                channel=args.get("channel"), state=args.get("state"), since=args.get("since"),
+                until=args.get("until"), type_=args.get("type"), control_id=args.get("control_id"),
+                sender=args.get("sender"), destination=args.get("destination"),
+                destination_state=args.get("destination_state"), patient=args.get("patient"),
+                authority=args.get("authority"), keys=self.engine.keys,
+                limit=_whole(args.get("limit", "50"), "limit"),
+                before=_whole(args["before"], "before") if "before" in args else None)
+        except SearchError as e:
+            raise ApiError(400, str(e).replace("--", "")) from None
+
+        def work():
+            return [inspection.jsonable(r) for r in self.engine.store.search(criteria)]
+        return threads.deferToThread(work).addCallback(lambda rows: {"messages": rows})
+
+    def message(self, request, message_id):
+        """Metadata for every role; raw, segments, outputs and answers from `analyst` up (audited first)."""
+        number = _whole(message_id, "message id")
+        full = request.principal.may("analyst")
+        engine = self.engine
+
+        def work():
+            row = engine.store.get_message(number)
+            if row is None:
+                raise ApiError(404, f"no message {number}")
+            deliveries = engine.store.deliveries_of(number)
+            if not full:
+                return inspection.outline(row, deliveries)
+            engine.audit.record("content.viewed", actor=request.principal.actor, object_type="message",
+                                object_id=str(number), source=_peer(request),
+                                correlation_id=row["correlation_id"], detail={"view": "api"})
+            return inspection.shown(row, deliveries)
+        return threads.deferToThread(work)
+
+    def audit_page(self, request):
+        args = _args(request)
+        try:
+            since = parse_time(args["since"], "since") if "since" in args else None
+        except SearchError as e:
+            raise ApiError(400, str(e)) from None
+        limit = _whole(args.get("limit", "100"), "limit")
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, "limit: expected 1 to 1000")
+        before = _whole(args["before"], "before") if "before" in args else None
+
+        def work():
+            return [inspection.jsonable(e) for e in self.engine.audit.page(
+                since=since, action=args.get("action"), before=before, limit=limit)]
+        return threads.deferToThread(work).addCallback(lambda rows: {"events": rows})
+
+    # -- changing -----------------------------------------------------------------------
+
+    def replay(self, request):
+        """Queue stored messages again (or preview with dry_run): the same rules as `interface-engine replay`."""
+        from ..replay import CURRENT, ORIGINAL, Replay, ReplayError
+
+        body = json_body(request)
+        ids, destinations = body.get("ids"), body.get("destinations", [])
+        mapping, dry_run = body.get("mapping", CURRENT), body.get("dry_run", False)
+        if (not isinstance(ids, list) or not ids or len(ids) > 10_000
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise ApiError(400, "ids: expected a list of 1 to 10000 message ids")
+        if not isinstance(destinations, list) or not all(isinstance(d, str) for d in destinations):
+            raise ApiError(400, "destinations: expected a list of destination names")
+        if mapping not in (CURRENT, ORIGINAL) or not isinstance(dry_run, bool):
+            raise ApiError(400, f"mapping: expected {CURRENT!r} or {ORIGINAL!r}; dry_run: true or false")
+        engine, principal = self.engine, request.principal
+
+        def work():
+            job = Replay(engine.store, engine.channels, engine.runtime.mappings, engine.charsets, mapping,
+                         tuple(destinations))
+            try:
+                selected = job.select(ids)
+            except ReplayError as e:
+                raise ApiError(400, str(e)) from None
+            selection = ",".join(map(str, ids))
+            if dry_run:
+                preview = [line for message_id, channel in selected for line in job.preview(message_id, channel)]
+                engine.audit.record("message.replay_previewed", actor=principal.actor, object_type="replay",
+                                    object_id="dry-run", source=_peer(request),
+                                    detail={"selection": selection[:500], "mapping": mapping,
+                                            "destinations": destinations, "messages": job.tally.messages})
+                return {"dry_run": True, "messages": job.tally.messages, "queued": job.tally.queued,
+                        "filtered": job.tally.filtered, "errors": job.tally.errors, "diff": preview}
+            record = job.begin(selection)
+            for message_id, channel in selected:
+                job.replay(message_id, channel)
+            engine.audit.record("message.replayed", actor=principal.actor, object_type="replay",
+                                object_id=str(job.replay_id), source=_peer(request),
+                                outcome=FAILURE if job.tally.errors else SUCCESS,
+                                detail={"selection": selection[:500], "mapping": mapping,
+                                        "destinations": destinations, "messages": record.messages,
+                                        "deliveries": record.deliveries, "errors": len(job.tally.errors)})
+            return {"replay": job.replay_id, "messages": record.messages, "queued": record.deliveries,
+                    "filtered": job.tally.filtered, "errors": job.tally.errors}
+        return threads.deferToThread(work).addCallback(self._wake)
+
+    def _wake(self, result):
+        if not result.get("dry_run"):
+            self.engine.runtime.wake_all()
+        return result
+
+    def reload(self, request):
+        ok = self.engine.reload()
+        if not ok:
+            raise ApiError(409, "the channel files were refused or applied in part; the engine's log says why")
+        return {"status": "reloaded", "channels": [c.name for c in self.engine.channels]}
+
+    def _denied(self, request, needs: str, what: str):
+        principal = request.principal
+        self.engine.audit_later("access.denied", actor=principal.actor, object_type="endpoint",
+                                object_id=what, source=_peer(request), outcome=FAILURE,
+                                detail={"role": principal.role, "needs": needs})
+
+
+def _args(request) -> dict[str, str]:
+    return {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace") for k, v in request.args.items()}
+
+
+def _fields(request) -> dict:
+    from .server import _form
+
+    if (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
+        return json_body(request)
+    return _form(request)
+
+
+def _whole(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"{what}: {text!r} is not a whole number") from None
+
+
+def _peer(request) -> str:
+    return getattr(request.getClientAddress(), "host", "unknown")
