@@ -94,7 +94,7 @@ class Api:
 
     def logout(self, request):
         self.gate.close_session(request.getCookie(Gate.COOKIE))
-        request.addCookie(Gate.COOKIE, b"", path=b"/", max_age=0, httpOnly=True, sameSite=b"strict")
+        request.addCookie(Gate.COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, sameSite=b"strict")
         return {"status": "logged out"}
 
     def session(self, request):

@@ -11,6 +11,7 @@ stack trace.
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from dataclasses import dataclass
@@ -135,8 +136,9 @@ class AdminResource(resource.Resource):
         found: Route = request.route
         principal = request.principal
         if found.changes and principal is not None and principal.kind == "session":
-            sent = request.getHeader(b"x-csrf-token") or _form(request).get("csrf", "")
-            if not sent or sent != principal.csrf:
+            header = request.getHeader(b"x-csrf-token")
+            sent = header.decode("latin-1") if header else _form(request).get("csrf", "")
+            if not sent or not hmac.compare_digest(sent, principal.csrf):
                 self.site.denied(request, found, why="missing or wrong CSRF token")
                 return self._error(request, HTTPStatus.FORBIDDEN, "missing or wrong CSRF token")
         d = defer.maybeDeferred(found.handler, request, **request.params)
