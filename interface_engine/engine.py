@@ -33,7 +33,7 @@ from .config import ConfigError, EngineConfig, ListenerConfig, prepare_sqlite_fi
 from .ingest import Ingest
 from .mllp.listener import ListenerService, MLLPListenerFactory
 from .retention import RetentionService
-from .store import GroupCommitter, Store
+from .store import GroupCommitter, Store, control
 from .store.cipher import Cipher
 
 log = Logger()
@@ -45,6 +45,8 @@ SHUTDOWN_GRACE = 10.0
 GIL_SWITCH_INTERVAL = 0.0005
 #: How often the key file is looked at: a rotation is taken up within this many seconds.
 KEY_FILE_POLL = 2.0
+#: How often paused channels and destinations are re-read from the store.
+PAUSES_POLL = 2.0
 
 
 def load_channel_set(config: EngineConfig) -> tuple[list[ChannelConfig], Mappings]:
@@ -97,13 +99,15 @@ class Engine(service.MultiService):
         ownership = QueueOwnership(self.committer, self.reactor, config.node, config.queue_lease)
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets,
                                       ownership=ownership)
+        self.runtime.paused = frozenset(control.paused(self.store))
+        internet.TimerService(PAUSES_POLL, self._read_pauses).setServiceParent(self)
         if config.retention.schedule:
             self.retention = RetentionService(self.store, config.retention, self.reactor, self.audit)
             self.retention.setServiceParent(self)
-        if config.admin.enabled:
-            self._admin()
         try:
             self._arrange(self.channels)
+            if config.admin.enabled:
+                self._admin()   # after the listeners: a port taken by another engine fails first
             super().startService()
         except Exception:
             for svc in self.listeners.values():
@@ -202,6 +206,12 @@ class Engine(service.MultiService):
         site = AdminSite(Api(self, gate).routes(), gate, config.max_body, self.audit, self.refusals)
         AdminService(config, site, self.reactor).setServiceParent(self)
         internet.TimerService(TOKEN_REFRESH, refresh).setServiceParent(self)
+
+    def _read_pauses(self):
+        """Pauses set by another engine on the same store (or by this one) apply here within seconds."""
+        d = threads.deferToThread(control.paused, self.store)
+        d.addCallbacks(self.runtime.set_paused, lambda f: log.error("could not read the paused queues: {error}",
+                                                                    error=f.getErrorMessage()))
 
     def audit_later(self, action: str, **event):
         """Record an audit event from the reactor: the write goes to a thread."""

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 
+from interface_engine import inspection
+
 from tests.messages import adt_a01
 from tests.receiver import Receiver
 from tests.test_channels_e2e import Setup, adt_channel
@@ -23,9 +25,10 @@ PASSWORD = "correct horse battery"
 class Admin:
     """An engine with one channel, a token per role and a user per role."""
 
-    def __init__(self, setup: Setup, downstream: Receiver):
+    def __init__(self, setup: Setup, downstream: Receiver, channel: bool = True):
         self.setup, self.downstream = setup, downstream
-        setup.channel("adt", adt_channel(downstream.port, archive=setup.root / "archive"))
+        if channel:
+            setup.channel("adt", adt_channel(downstream.port, archive=setup.root / "archive"))
         self.engine = setup.start()
         self.url = urlsplit(self.engine.admin_url)
         config = self.engine.config_path
@@ -120,8 +123,7 @@ def test_each_role_sees_and_does_what_it_may(admin):
     assert [a[0] for a in setup.send(adt_a01("API1"), adt_a01("API2"))] == ["AA", "AA"]
     setup.wait(lambda: setup.store.count_deliveries(state="sent") == 4, what="both delivered")
     status, channels, _ = admin.call("GET", "/api/v1/channels", role="viewer")
-    assert status == 200 and channels == json.loads(__import__("interface_engine.inspection", fromlist=["x"])
-                                                     .status_json(setup.store.status()))
+    assert status == 200 and channels == json.loads(inspection.status_json(setup.store.status())) | {"paused": []}
     assert {c["channel"]: c["sent"] for c in channels["channels"]} == {"adt": 2}
     status, found, _ = admin.call("GET", "/api/v1/messages?control_id=API2", role="viewer")
     assert status == 200 and [m["control_id"] for m in found["messages"]] == ["API2"]
@@ -212,3 +214,73 @@ def test_the_openapi_file_describes_exactly_the_server_s_routes(admin):
     served = {(r.method.decode().lower(), r.path) for r in Api.__new__(Api).routes()}
     described = {(method, path) for path, item in spec["paths"].items() for method in item}
     assert served == described
+
+
+def test_a_paused_destination_holds_its_queue_and_a_paused_channel_its_messages(admin):
+    setup, downstream = admin.setup, admin.downstream
+    path = "/api/v1/channels/adt/destinations/downstream"
+    status, body, _ = admin.call("POST", f"{path}/pause", role="operator")
+    assert status == 200 and body["changed"] and body["paused"]
+    assert setup.send(adt_a01("P1"))[0][0] == "AA"
+    setup.wait(lambda: setup.store.count_deliveries(state="sent") == 1, what="the archive copy")
+    time.sleep(1.5)
+    assert downstream.received == [] and setup.store.count_deliveries(state="queued") == 1
+    assert {"channel": "adt", "destination": "downstream"} in admin.call(
+        "GET", "/api/v1/channels", role="viewer")[1]["paused"]
+    assert admin.call("POST", f"{path}/resume", role="operator")[1]["changed"]
+    downstream.wait_for(1)
+    assert downstream.control_ids() == ["P1"]
+    # The whole channel: messages are stored and acknowledged, and processed only on resume.
+    assert admin.call("POST", "/api/v1/channels/adt/pause", role="operator")[0] == 200
+    assert setup.send(adt_a01("P2"))[0][0] == "AA"
+    time.sleep(1.5)
+    assert setup.store.count_messages(state="received") == 1 and downstream.control_ids() == ["P1"]
+    assert admin.call("POST", "/api/v1/channels/adt/resume", role="operator")[0] == 200
+    downstream.wait_for(2)
+    assert downstream.control_ids() == ["P1", "P2"]
+    assert [e["action"] for e in audit_actions(setup.store, "destination.paused")
+            + audit_actions(setup.store, "channel.resumed")] == ["destination.paused", "channel.resumed"]
+    assert admin.call("POST", "/api/v1/channels/nope/pause", role="operator")[0] == 404
+    assert admin.call("POST", "/api/v1/channels/adt/pause", role="analyst")[0] == 403
+
+
+@pytest.fixture
+def dying(tmp_path, engine_factory):
+    """An engine whose downstream destination gives up at once (on_failure = skip, one attempt)."""
+    with Receiver(mode="AR") as downstream:
+        setup = Setup(tmp_path, engine_factory)
+        setup.channel("adt", adt_channel(downstream.port, on_failure="skip", attempts=1))
+        yield Admin(setup, downstream, channel=False)
+
+
+def test_dead_letters_are_listed_and_resent_as_they_were_or_edited(dying):
+    admin, setup, downstream = dying, dying.setup, dying.downstream
+    assert setup.send(adt_a01("DL1"))[0][0] == "AA"
+    setup.wait(lambda: setup.store.count_deliveries(state="dead") == 1, what="the dead letter")
+    status, listing, _ = admin.call("GET", "/api/v1/dead", role="viewer")
+    assert status == 200 and [(d["destination"], d["control_id"]) for d in listing["dead"]] == [("downstream", "DL1")]
+    dead_id = listing["dead"][0]["id"]
+    downstream.mode = "AA"
+    assert admin.call("POST", f"/api/v1/dead/{dead_id}/resend", role="analyst")[0] == 403
+    status, again, _ = admin.call("POST", f"/api/v1/dead/{dead_id}/resend", role="operator", body={})
+    assert status == 200 and not again["edited"] and again["queued"] == 1
+    downstream.wait_for(2)
+    # Edited: a new message that names the one it corrects; the original stays as it was.
+    original = setup.store.get_message(again["message"])["raw"]
+    edited = original.decode().replace("DOE^JANE", "DOE^JANET").replace("\r", "\n")
+    status, fixed, _ = admin.call("POST", f"/api/v1/dead/{dead_id}/resend", role="operator", body={"raw": edited})
+    assert status == 200 and fixed["edited"] and fixed["message"] != again["message"]
+    downstream.wait_for(3)
+    assert b"DOE^JANET" in downstream.received[-1]
+    assert setup.store.get_message(again["message"])["raw"] == original
+    correction = setup.store.get_message(fixed["message"])
+    assert correction["edited_from"] == again["message"] and correction["listener"] == "admin"
+    assert correction["correlation_id"] == setup.store.get_message(again["message"])["correlation_id"]
+    actions = [(e["action"], e["object_id"]) for e in audit_actions(setup.store, "message.edited")
+               + audit_actions(setup.store, "delivery.resent")]
+    assert actions == [("message.edited", str(fixed["message"])), ("delivery.resent", str(dead_id)),
+                       ("delivery.resent", str(fixed["delivery"]))]
+    status, refused, _ = admin.call("POST", f"/api/v1/dead/{dead_id}/resend", role="operator",
+                                    body={"raw": "not a message"})
+    assert status == 400 and "MSH" in refused["error"]
+    assert admin.call("POST", "/api/v1/dead/999999/resend", role="operator", body={})[0] == 404

@@ -17,6 +17,8 @@ from twisted.internet import threads
 
 from .. import inspection
 from ..audit import FAILURE, SUCCESS
+from ..hl7.patients import patient_ids
+from ..store import control, utcnow
 from ..store.search import SearchError, parse_time
 from .auth import Gate
 from .server import LOGIN_MAX_BODY, ApiError, Raw, json_body, route
@@ -42,6 +44,14 @@ class Api:
             route("GET", "/api/v1/messages", "viewer", self.search),
             route("GET", "/api/v1/messages/{message_id}", "viewer", self.message),
             route("POST", "/api/v1/replay", "operator", self.replay, changes=True),
+            route("POST", "/api/v1/channels/{channel}/pause", "operator", self.pause, changes=True),
+            route("POST", "/api/v1/channels/{channel}/resume", "operator", self.resume, changes=True),
+            route("POST", "/api/v1/channels/{channel}/destinations/{destination}/pause", "operator",
+                  self.pause, changes=True),
+            route("POST", "/api/v1/channels/{channel}/destinations/{destination}/resume", "operator",
+                  self.resume, changes=True),
+            route("GET", "/api/v1/dead", "viewer", self.dead),
+            route("POST", "/api/v1/dead/{delivery_id}/resend", "operator", self.resend, changes=True),
             route("GET", "/api/v1/audit", "operator", self.audit_page),
             route("POST", "/api/v1/reload", "admin", self.reload, changes=True),
         ]
@@ -119,7 +129,10 @@ class Api:
     def channels(self, request):
         """Every channel's counts by state and each destination's queue (from the store's indexes)."""
         def work():
-            return json.loads(inspection.status_json(self.engine.store.status()))
+            found = json.loads(inspection.status_json(self.engine.store.status()))
+            found["paused"] = [{"channel": c, "destination": d or None}
+                               for c, d in sorted(self.engine.runtime.paused)]
+            return found
         return threads.deferToThread(work)
 
     def search(self, request):
@@ -229,6 +242,128 @@ class Api:
         if not result.get("dry_run"):
             self.engine.runtime.wake_all()
         return result
+
+    def pause(self, request, channel, destination=None):
+        return self._pause(request, channel, destination, True)
+
+    def resume(self, request, channel, destination=None):
+        return self._pause(request, channel, destination, False)
+
+    def _pause(self, request, channel, destination, pause: bool):
+        """A paused channel stores what it receives but does not process it; a paused destination holds its queue."""
+        engine = self.engine
+        config = next((c for c in engine.channels if c.name == channel), None)
+        if config is None:
+            raise ApiError(404, f"no channel {channel!r}")
+        if destination is not None and config.destination(destination) is None:
+            raise ApiError(404, f"channel {channel!r} has no destination {destination!r}")
+        what = "destination" if destination else "channel"
+        action = f"{what}.{'paused' if pause else 'resumed'}"
+        actor = request.principal.actor
+
+        def work():
+            changed = control.set_paused(engine.store, channel, destination or control.CHANNEL, pause, actor,
+                                         utcnow())
+            if changed:
+                engine.audit.record(action, actor=actor, object_type=what,
+                                    object_id=f"{channel}/{destination}" if destination else channel,
+                                    source=_peer(request))
+            return changed, control.paused(engine.store)
+
+        def done(result):
+            changed, paused = result
+            engine.runtime.set_paused(paused)
+            return {"channel": channel, "destination": destination, "paused": pause, "changed": changed}
+        return threads.deferToThread(work).addCallback(done)
+
+    def dead(self, request):
+        """Dead letters: deliveries that gave up, newest first, with their message's metadata."""
+        args = _args(request)
+        queues = [(c.name, d.name) for c in self.engine.channels for d in c.destinations
+                  if args.get("channel", c.name) == c.name and args.get("destination", d.name) == d.name]
+        limit = _whole(args.get("limit", "100"), "limit")
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, "limit: expected 1 to 1000")
+        before = _whole(args["before"], "before") if "before" in args else None
+
+        def work():
+            return [inspection.jsonable(d) for d in control.dead_letters(self.engine.store, queues,
+                                                                         limit=limit, before=before)]
+        return threads.deferToThread(work).addCallback(lambda rows: {"dead": rows})
+
+    def resend(self, request, delivery_id):
+        """Send a dead letter again: as it was (a replay to its destination), or edited (`raw`), as a new message.
+
+        The original message and delivery are kept untouched; the edit and the resend are audited.
+        """
+        from .. import hl7
+        from ..channels.pipeline import prepare_again
+        from ..store import ERROR, FILTERED, QUEUED, Incoming
+
+        number = _whole(delivery_id, "delivery id")
+        edited = json_body(request).get("raw")
+        if edited is not None and (not isinstance(edited, str) or not edited.startswith("MSH")):
+            raise ApiError(400, "raw: expected the edited message as text, starting with MSH")
+        engine, principal, peer = self.engine, request.principal, _peer(request)
+
+        def work():
+            dead = control.delivery(engine.store, number)
+            if dead is None or dead["state"] != "dead":
+                raise ApiError(404, f"no dead delivery {number}")
+            channel = next((c for c in engine.channels if c.name == dead["channel"]), None)
+            destination = channel and channel.destination(dead["destination"])
+            if destination is None:
+                raise ApiError(409, f"{dead['channel']}/{dead['destination']} is no longer configured")
+            if edited is None:
+                return self._replay_one(dead, principal, peer)
+            raw = edited.replace("\r\n", "\r").replace("\n", "\r").encode("utf-8")
+            raw = raw if raw.endswith(b"\r") else raw + b"\r"
+            try:
+                msg = hl7.parse(raw, **engine.charsets)
+            except (hl7.HL7Error, ValueError) as e:
+                raise ApiError(400, f"the edited message does not parse: {e}") from None
+            made = prepare_again(channel, destination, engine.runtime.mappings, msg, raw)
+            if made.state in (FILTERED, ERROR):
+                raise ApiError(400, f"the edited message would not be sent: {made.error}")
+            header = hl7.peek(raw, **engine.charsets)
+            original = engine.store.get_message(dead["message_id"])
+            item = Incoming(
+                raw=raw, listener="admin", peer=peer, state=QUEUED, ack=None, channel=channel.name,
+                sending_application=header.sending_application, sending_facility=header.sending_facility,
+                receiving_application=header.receiving_application,
+                receiving_facility=header.receiving_facility, message_type=header.message_type,
+                trigger_event=header.trigger_event, control_id=header.control_id, version=header.version,
+                edited_from=dead["message_id"],
+                patients=tuple(engine.keys.patient_hash(i, a) for i, a in patient_ids(raw, header)))
+            if original is not None and original["correlation_id"]:
+                item.correlation_id = original["correlation_id"]   # one thread through the audit trail
+            message_id, new_delivery = control.store_correction(
+                engine.store, item, destination.name, made.output, made.target, number, utcnow())
+            engine.audit.record("message.edited", actor=principal.actor, object_type="message",
+                                object_id=str(message_id), source=peer, correlation_id=item.correlation_id,
+                                detail={"edited_from": dead["message_id"], "dead_delivery": number})
+            engine.audit.record("delivery.resent", actor=principal.actor, object_type="delivery",
+                                object_id=str(new_delivery), source=peer, correlation_id=item.correlation_id,
+                                detail={"resends": number, "message": message_id, "edited": True})
+            return {"message": message_id, "delivery": new_delivery, "edited": True}
+        return threads.deferToThread(work).addCallback(self._wake)
+
+    def _replay_one(self, dead: dict, principal, peer: str) -> dict:
+        from ..replay import Replay
+
+        engine = self.engine
+        job = Replay(engine.store, engine.channels, engine.runtime.mappings, engine.charsets,
+                     destinations=(dead["destination"],))
+        selected = job.select([dead["message_id"]])
+        job.begin(f"dead letter {dead['id']}")
+        shares = job.replay(*selected[0])
+        if job.tally.errors:
+            raise ApiError(409, job.tally.errors[0])
+        engine.audit.record("delivery.resent", actor=principal.actor, object_type="delivery",
+                            object_id=str(dead["id"]), source=peer,
+                            detail={"resends": dead["id"], "message": dead["message_id"], "edited": False,
+                                    "replay": job.replay_id})
+        return {"message": dead["message_id"], "replay": job.replay_id, "queued": len(shares), "edited": False}
 
     def reload(self, request):
         ok = self.engine.reload()

@@ -97,6 +97,8 @@ class ChannelRuntime:
         self._incoming: list | None = None
         self._waiters: dict[int, _Waiter] = {}
         self._running = False
+        #: (channel, destination) paused by an operator; destination "": the channel's processing
+        self.paused: frozenset[tuple[str, str]] = frozenset()
         self._apply(channels)
 
     # -- lifecycle ----------------------------------------------------------------
@@ -109,6 +111,17 @@ class ChannelRuntime:
         for worker in self.workers.values():
             worker.start()
         yield self._resume()
+
+    def set_paused(self, paused: set[tuple[str, str]]):
+        """Take up what is paused now: resumed queues are read at once, a resumed channel's waiting messages too."""
+        before, self.paused = self.paused, frozenset(paused)
+        resumed = before - self.paused
+        for channel, destination in resumed:
+            worker = self.workers.get((channel, destination))
+            if worker is not None:
+                worker.wake()
+        if self._running and any(destination == "" for _, destination in resumed):
+            self._resume().addErrback(lambda f: log.failure("resuming a channel failed", f))
 
     def wake_all(self):
         """Deliveries were queued from outside the runtime (a replay): read the queues now."""
@@ -211,10 +224,11 @@ class ChannelRuntime:
     def _decide(self, batch, snapshot) -> list[Processed]:
         channels, mappings = snapshot
         results = []
+        paused = self.paused
         for message_id, raw, name in batch:
             channel = channels.get(name)
-            if channel is None:
-                continue  # the channel was removed: the message stays `received`
+            if channel is None or (name, "") in paused:
+                continue  # the channel was removed or paused: the message stays `received`
             msg = hl7.parse(raw, **self.charsets)
             decision = decide(channel, mappings, msg, raw)
             results.append(Processed(message_id, name, decision.filter_reason, decision.deliveries))
@@ -342,6 +356,9 @@ class DestinationWorker:
                 ownership.idle(queue)
                 yield self._pause(IDLE_POLL)   # woken when the lease is ours
                 continue
+            if queue in self.runtime.paused:
+                yield self._pause(IDLE_POLL)   # woken when resumed
+                continue
             try:
                 heads = yield committer.submit((self.channel.name, self.config.name, QUEUE_READ),
                                                store.queue)
@@ -368,8 +385,8 @@ class DestinationWorker:
         records = []
         try:
             for delivery in heads:
-                if not self._running or not self.runtime.ownership.holds((self.channel.name,
-                                                                          self.config.name)):
+                queue = (self.channel.name, self.config.name)
+                if not self._running or not self.runtime.ownership.holds(queue) or queue in self.runtime.paused:
                     break
                 now = utcnow()
                 if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:

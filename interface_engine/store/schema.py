@@ -47,6 +47,8 @@ messages = Table(
     Column("correlation_id", String(32), comment="follows the message through the audit trail"),
     Column("content_removed_at", DateTime(), comment="UTC; retention removed raw, outputs, responses"),
     Column("node", String(64), comment="the engine that stored it; NULL: stored before engines had names"),
+    # No foreign key: retention may delete the original and keep the correction.
+    Column("edited_from", _Id, comment="the message this one corrects, edited by hand and resent"),
     Index("ix_messages_control_id", "control_id", "sending_application", "sending_facility"),
     Index("ix_messages_received_at", "received_at"),
     Index("ix_messages_state", "state"),
@@ -194,4 +196,14 @@ api_tokens = Table(
     Column("secret_hash", String(64), nullable=False, comment="SHA-256 of the secret part"),
     Column("created_at", DateTime(), nullable=False, comment="UTC"),
     Column("revoked_at", DateTime(), comment="UTC; NULL: in use"),
+)
+
+#: What an operator paused: a channel's processing (destination '') or one destination's deliveries.
+pauses = Table(
+    "pauses", metadata,
+    Column("channel", String(64), primary_key=True),
+    Column("destination", String(64), primary_key=True,
+           comment="'': the channel's processing; else that destination's deliveries"),
+    Column("paused_at", DateTime(), nullable=False, comment="UTC"),
+    Column("actor", String(128), nullable=False),
 )

@@ -54,6 +54,8 @@ class Incoming:
     correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: keyed hashes of the patient identifiers in PID-3, for the patient index
     patients: tuple[str, ...] = ()
+    #: a correction made by hand of this stored message (see store/corrections.py)
+    edited_from: int | None = None
     sha256: str = field(init=False)
 
     def __post_init__(self):
@@ -605,6 +607,7 @@ def _row(item: Incoming, now: datetime, node: str | None) -> dict:
         "size": len(item.raw), "sha256": item.sha256, "raw": item.raw, "ack": item.ack,
         "duplicates": 0, "channel": item.channel, "filter_reason": None,
         "correlation_id": item.correlation_id, "content_removed_at": None, "node": node,
+        "edited_from": item.edited_from,
     }
 
 

@@ -1,4 +1,5 @@
-"""Admin console: its users (browser login) and API tokens, both stored only as hashes.
+"""Admin console: users (browser login) and API tokens, stored only as hashes; paused channels
+and destinations; messages edited by hand from the ones they correct.
 
 Revision ID: 0008
 Revises: 0007
@@ -32,6 +33,22 @@ def upgrade():
     )
 
 
+    op.create_table(
+        "pauses",
+        sa.Column("channel", sa.String(64), primary_key=True),
+        sa.Column("destination", sa.String(64), primary_key=True,
+                  comment="'': the channel's processing; else that destination's deliveries"),
+        sa.Column("paused_at", sa.DateTime(), nullable=False, comment="UTC"),
+        sa.Column("actor", sa.String(128), nullable=False),
+    )
+    with op.batch_alter_table("messages") as batch:
+        batch.add_column(sa.Column("edited_from", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                                   comment="the message this one corrects, edited by hand and resent"))
+
+
 def downgrade():
+    with op.batch_alter_table("messages") as batch:
+        batch.drop_column("edited_from")
+    op.drop_table("pauses")
     op.drop_table("api_tokens")
     op.drop_table("admin_users")
