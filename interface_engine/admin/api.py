@@ -201,7 +201,7 @@ class Api:
         ids, destinations = body.get("ids"), body.get("destinations", [])
         mapping, dry_run = body.get("mapping", CURRENT), body.get("dry_run", False)
         if (not isinstance(ids, list) or not ids or len(ids) > 10_000
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i in _INT64 for i in ids)):
             raise ApiError(400, "ids: expected a list of 1 to 10000 message ids")
         if not isinstance(destinations, list) or not all(isinstance(d, str) for d in destinations):
             raise ApiError(400, "destinations: expected a list of destination names")
@@ -390,11 +390,18 @@ def _fields(request) -> dict:
     return _form(request)
 
 
+#: Ids and counts fit the store's 64-bit integers.
+_INT64 = range(-2 ** 63, 2 ** 63)
+
+
 def _whole(text: str, what: str) -> int:
     try:
-        return int(text)
+        number = int(text)
     except (TypeError, ValueError):
         raise ApiError(400, f"{what}: {text!r} is not a whole number") from None
+    if number not in _INT64:
+        raise ApiError(400, f"{what}: {text} is out of range")
+    return number
 
 
 def _peer(request) -> str:
