@@ -752,6 +752,17 @@ def _accounts(config_path):
     return Accounts(_open_store(config_path))
 
 
+def _audit_account(config_path, action: str, object_type: str, object_id: str, detail: dict | None = None):
+    """Who changed who may use the admin server: recorded like every other change."""
+    from .audit import cli_actor, open_trail
+
+    store, trail = open_trail(config_module.load(config_path))
+    actor, source = cli_actor()
+    trail.record(action, actor=actor, object_type=object_type, object_id=object_id, source=source,
+                 detail=detail)
+    store.close()
+
+
 def _account_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -787,6 +798,7 @@ def users():
 def users_add(name, role, password_stdin, config_path):
     """Add a user (at least 12 characters of password)."""
     _accounts(config_path).add_user(name, role, _password(password_stdin))
+    _audit_account(config_path, "user.added", "user", name, {"role": role})
     click.echo(f"user {name} added with role {role}")
 
 
@@ -799,6 +811,7 @@ def users_add(name, role, password_stdin, config_path):
 def users_passwd(name, password_stdin, config_path):
     """Set a user's password."""
     _accounts(config_path).set_password(name, _password(password_stdin))
+    _audit_account(config_path, "user.password_changed", "user", name)
     click.echo(f"password of {name} changed")
 
 
@@ -810,6 +823,7 @@ def users_passwd(name, password_stdin, config_path):
 def users_remove(name, config_path):
     """Remove a user; their browser sessions end within a few seconds of the next request."""
     _accounts(config_path).remove_user(name)
+    _audit_account(config_path, "user.removed", "user", name)
     click.echo(f"user {name} removed")
 
 
@@ -837,7 +851,9 @@ def tokens():
 @_account_errors
 def tokens_create(name, role, config_path):
     """Create a token and print it, this once; send it as `Authorization: Bearer <token>`."""
-    click.echo(_accounts(config_path).create_token(name, role))
+    token = _accounts(config_path).create_token(name, role)
+    _audit_account(config_path, "token.created", "token", token.split("_")[1], {"name": name, "role": role})
+    click.echo(token)
     click.echo("keep it now: it is stored only as a hash and cannot be shown again; a running engine "
                "accepts it within a few seconds", err=True)
 
@@ -850,6 +866,7 @@ def tokens_create(name, role, config_path):
 def tokens_revoke(token_id, config_path):
     """Revoke a token by its id (the 8 characters after `iet_`); refused within a few seconds."""
     _accounts(config_path).revoke_token(token_id)
+    _audit_account(config_path, "token.revoked", "token", token_id)
     click.echo(f"token {token_id} revoked")
 
 

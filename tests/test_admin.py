@@ -284,3 +284,22 @@ def test_dead_letters_are_listed_and_resent_as_they_were_or_edited(dying):
                                     body={"raw": "not a message"})
     assert status == 400 and "MSH" in refused["error"]
     assert admin.call("POST", "/api/v1/dead/999999/resend", role="operator", body={})[0] == 404
+
+
+def test_users_and_tokens_are_managed_from_the_cli_audited_and_never_printed(admin):
+    config = admin.engine.config_path
+    listing = cli("users", "list", "--config", config).stdout
+    assert "u-operator" in listing and "operator" in listing and PASSWORD not in listing
+    short = subprocess_input(["users", "add", "bob", "--role", "viewer", "--password-stdin", "--config",
+                              str(config)], "short\n")
+    assert short.returncode == 1 and "12 characters" in short.stderr and "Traceback" not in short.stderr
+    assert cli("users", "add", "bad name", "--role", "viewer", "--config", config).returncode != 0
+    assert cli("users", "remove", "u-viewer", "--config", config).returncode == 0
+    assert "u-viewer" not in cli("users", "list", "--config", config).stdout
+    actions = [e["action"] for e in audit_actions(admin.setup.store, "user.added")
+               + audit_actions(admin.setup.store, "token.created") + audit_actions(admin.setup.store, "user.removed")]
+    assert actions == ["user.added"] * 4 + ["token.created"] * 4 + ["user.removed"]
+    with admin.setup.store.engine.connect() as conn:
+        stored = json.dumps([list(r) for r in conn.execute(sa.text("SELECT * FROM admin_users"))], default=str)
+        stored += json.dumps([list(r) for r in conn.execute(sa.text("SELECT * FROM api_tokens"))], default=str)
+    assert PASSWORD not in stored and not any(t.split("_")[2] in stored for t in admin.tokens.values())
