@@ -303,3 +303,25 @@ def test_users_and_tokens_are_managed_from_the_cli_audited_and_never_printed(adm
         stored = json.dumps([list(r) for r in conn.execute(sa.text("SELECT * FROM admin_users"))], default=str)
         stored += json.dumps([list(r) for r in conn.execute(sa.text("SELECT * FROM api_tokens"))], default=str)
     assert PASSWORD not in stored and not any(t.split("_")[2] in stored for t in admin.tokens.values())
+
+
+def test_every_route_admits_exactly_the_roles_at_or_above_its_own(admin):
+    from interface_engine.admin.api import Api
+    from interface_engine.admin.auth import rank
+
+    fill = {"message_id": "424242", "channel": "nochannel", "destination": "nodest", "delivery_id": "424242"}
+    guarded = [r for r in Api.__new__(Api).routes() if r.role is not None and r.path != "/logout"]
+    checked = 0
+    for r in guarded:
+        path = r.path.format(**fill)
+        for role in ROLES:
+            body = {} if r.method == b"POST" else None
+            status, answer, _ = admin.call(r.method.decode(), path, role=role, body=body)
+            if rank(role) < rank(r.role):
+                assert status == 403 and r.role in answer["error"], (r.path, role, status)
+            else:
+                assert status not in (401, 403), (r.path, role, status, answer)
+            checked += 1
+    assert checked == 4 * len(guarded) >= 60
+    wait_for(lambda: len(audit_actions(admin.setup.store, "access.denied")) == sum(rank(r.role) for r in guarded),
+             "one audited denial per refused call")
