@@ -101,8 +101,10 @@ class EngineProcess:
     """`interface-engine run` in a subprocess, with its log kept for inspection."""
 
     def __init__(self, workdir: Path, store_url: str, listener: dict | None = None,
-                 extra: str = "", engine: dict | None = None):
+                 extra: str = "", engine: dict | None = None, command: list[str] | None = None):
         self.workdir = workdir
+        #: what runs the engine, before `--config PATH` (another harness around the same run)
+        self.command = command or ["-m", "interface_engine", "run"]
         self.store_url = store_url
         self.config_path = workdir / "engine.toml"
         self.log_path = workdir / "engine.log"
@@ -123,7 +125,7 @@ class EngineProcess:
         self._log = open(self.log_path, "ab")
         offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "interface_engine", "run", "--config", str(self.config_path)],
+            [sys.executable, *self.command, "--config", str(self.config_path)],
             cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -164,11 +166,13 @@ def engine_factory(tmp_path):
     started: list[EngineProcess] = []
 
     def make(store_url: str | None = None, listener: dict | None = None, extra: str = "",
-             workdir: Path | None = None, engine: dict | None = None) -> EngineProcess:
+             workdir: Path | None = None, engine: dict | None = None,
+             command: list[str] | None = None) -> EngineProcess:
         """`engine`: more [engine] keys, e.g. {"node": "a"} for the second engine on a store."""
         wd = workdir or tmp_path
         wd.mkdir(parents=True, exist_ok=True)
-        process = EngineProcess(wd, store_url or f"sqlite:///{wd / 'store.db'}", listener, extra, engine)
+        process = EngineProcess(wd, store_url or f"sqlite:///{wd / 'store.db'}", listener, extra, engine,
+                                command)
         started.append(process)
         return process.start()
 
