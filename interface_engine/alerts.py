@@ -263,8 +263,9 @@ class AlertService(service.Service):
             if self.config.token:
                 headers["Authorization"] = [f"Bearer {self.config.token}"]
             try:
-                response = yield self._http.post(self.config.webhook, data=json.dumps(notice.payload(self.node)).encode(),
-                                                 headers=headers, timeout=self.config.timeout)
+                body = json.dumps(notice.payload(self.node)).encode()
+                response = yield self._http.post(self.config.webhook, data=body, headers=headers,
+                                                 timeout=self.config.timeout)
                 yield response.content()
             except Exception as e:
                 log.warn("alert webhook unreachable ({error}); {n} notice(s) wait for the next evaluation",
