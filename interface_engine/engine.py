@@ -110,7 +110,8 @@ class Engine(service.MultiService):
             from .alerts import AlertService
 
             self.alerts = AlertService(config.alerts, self.store, self.metrics, self.audit, self.reactor,
-                                       config.node, channels=lambda: [c.name for c in self.channels if c.enabled])
+                                       config.node,
+                                       channels=lambda: [c.name for c in self.channels if c.enabled])
             self.alerts.setServiceParent(self)
         try:
             self._arrange(self.channels)

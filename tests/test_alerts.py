@@ -223,6 +223,23 @@ def test_a_span_across_midnight_began_the_evening_before():
     assert window_start(datetime(2026, 11, 21, 12, 0), (22 * 60, 6 * 60), zone) is None
 
 
+def test_the_newest_message_of_each_channel_is_found_whatever_its_state(store_url):
+    from interface_engine.store import Processed, Store
+    from tests.test_status import stored
+
+    store = Store(store_url)
+    store.check_schema()
+    try:
+        stored(store, "L1", now=T0)
+        stored(store, "B1", channel="lab", now=T0 + timedelta(minutes=1))
+        newest = stored(store, "L2", now=T0 + timedelta(minutes=5))
+        store.save_processing([Processed(newest, "adt", filter_reason="not wanted")])
+        assert store.last_received(["adt", "lab", "none"]) == \
+            {"adt": T0 + timedelta(minutes=5), "lab": T0 + timedelta(minutes=1), "none": None}
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("alerts, error", [
     ('[[alerts.rules]]\nname = "x"\nkind = "queue_size"\nover = 1',
      "alerts.rules[0].kind: expected one of queue_depth, queue_age, error_rate, silence, got 'queue_size'"),

@@ -14,6 +14,7 @@ from tests.messages import adt_a01
 from tests.pki import TestCA
 from tests.receiver import Receiver
 from tests.test_channels_e2e import Setup, adt_channel
+from tests.test_status import busy  # noqa: F401  (a store with every kind of count, SQLite and PostgreSQL)
 from tests.test_tls import openssl_client, try_hl7
 
 HARNESS = Path(__file__).with_name("metrics_harness.py")
@@ -153,3 +154,8 @@ def test_a_store_that_cannot_be_read_is_a_scrape_that_says_so(tmp_path):
     samples = Samples(Metrics(store).render()[0].decode())
     assert samples("interface_engine_store_up") == 0
     assert not [name for name, _ in samples.values if name == "interface_engine_messages"]
+
+
+def test_the_store_counts_are_the_same_on_both_stores(busy):
+    store, _, _ = busy
+    assert_store_counts(Samples(Metrics(store).render()[0].decode()), store.status())
