@@ -101,6 +101,7 @@ class EngineConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     retention: RetentionConfig = field(default_factory=lambda: RetentionConfig())
+    alerts: AlertsConfig = field(default_factory=lambda: AlertsConfig())
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -278,11 +279,12 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
             ls.fail("name", f"expected a unique listener name, {listener.name!r} is used twice")
         listeners.append(listener)
     retention = read_retention(top.table("retention"))
+    alerts = read_alerts(top.table("alerts"))
     top.done()
     return EngineConfig(path=path, log_level=log_level, log_format=log_format, pid_file=pid_file,
                         node=node, queue_lease=queue_lease, keys_file=keys_file, store=store, hl7=hl7,
                         channels=channels, listeners=tuple(listeners), audit=audit, admin=admin,
-                        retention=retention)
+                        retention=retention, alerts=alerts)
 
 
 def read_admin(section: Section) -> AdminConfig:
@@ -460,3 +462,110 @@ def read_retention(section: Section) -> RetentionConfig:
     if schedule is not None and not rules:
         section.fail("schedule", "a schedule needs [[retention.rules]] to apply (add rules, or remove it)")
     return RetentionConfig(schedule, batch, tuple(rules))
+
+
+# -- [alerts] ----------------------------------------------------------------------
+
+ALERT_KINDS = ("queue_depth", "queue_age", "error_rate", "silence")
+#: Each kind's threshold key, and every key a rule of that kind may have.
+_ALERT_THRESHOLD = {"queue_depth": "over", "queue_age": "older_than", "error_rate": "per_minute",
+                    "silence": "quiet_for"}
+_ALERT_KEYS = {"queue_depth": {"destination"}, "queue_age": {"destination"},
+               "error_rate": {"destination"}, "silence": {"hours", "timezone"}}
+_HOURS = re.compile(r"^\s*([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-3]):([0-5]\d)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRule:
+    name: str
+    kind: str                       # one of ALERT_KINDS
+    threshold: float                # deliveries, seconds, errors per minute, or seconds of silence
+    channel: str = "*"              # a channel name or a glob ("*": every channel)
+    destination: str | None = "*"   # None: an error_rate over the whole channel
+    hours: tuple[int, int] | None = None   # silence: minutes after midnight, [start, end)
+    timezone: str = "UTC"           # silence: the zone `hours` are in
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    webhook: str | None = None
+    token: str | None = field(default=None, repr=False)   # the resolved secret, sent as a bearer token
+    interval: float = 30.0
+    timeout: float = 10.0
+    rules: tuple[AlertRule, ...] = ()
+
+
+def read_alerts(section: Section) -> AlertsConfig:
+    from .secrets import SecretError, resolve
+
+    d = AlertsConfig()
+    webhook = section.text("webhook", None)
+    if webhook is not None and not re.match(r"https?://[^/\s]+", webhook):
+        section.fail("webhook", f"expected an http:// or https:// URL, got {webhook!r}")
+    token = None
+    if "token" in section.data:
+        if webhook is None:
+            section.fail("token", "a token needs a webhook to send it to")
+        try:
+            token = resolve(section.str("token", None), what=f"{section.prefix}.token")
+        except SecretError as e:
+            raise ConfigError(f"{section.path}: {e}") from None
+    interval = section.duration("interval", d.interval)
+    timeout = section.duration("timeout", d.timeout)
+    section.used.add("rules")
+    raw_rules = section.data.get("rules", [])
+    if not isinstance(raw_rules, list):
+        section.fail("rules", "expected an array of tables ([[alerts.rules]])")
+    rules: list[AlertRule] = []
+    for i, item in enumerate(raw_rules):
+        rule = _alert_rule(Section(section.path, f"{section.prefix}.rules[{i}]", item))
+        if any(other.name == rule.name for other in rules):
+            Section(section.path, f"{section.prefix}.rules[{i}]", item).fail(
+                "name", f"expected a unique rule name, {rule.name!r} is used twice")
+        rules.append(rule)
+    section.done()
+    return AlertsConfig(webhook, token, interval, timeout, tuple(rules))
+
+
+def _alert_rule(r: Section) -> AlertRule:
+    name = r.str("name", None)
+    kind = r.str("kind", None, ALERT_KINDS)
+    threshold_key = _ALERT_THRESHOLD[kind]
+    allowed = {"name", "kind", "channel", threshold_key} | _ALERT_KEYS[kind]
+    for key in r.data:
+        if key not in allowed:
+            r.fail(key, f"not a key of a {kind} rule (its keys: {', '.join(sorted(allowed))})")
+    if threshold_key not in r.data:
+        r.fail(threshold_key, f"required key is missing (the threshold of a {kind} rule)")
+    if kind == "queue_depth":
+        threshold = float(r.int("over", None, 0))
+    elif kind == "error_rate":
+        value = r._get("per_minute", None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            r.fail("per_minute", f"expected a positive number of errors per minute, got {value!r}")
+        threshold = float(value)
+    else:
+        threshold = r.duration(threshold_key, None)
+    channel = r.str("channel", "*")
+    destination = r.str("destination", "*") if "destination" in _ALERT_KEYS[kind] else None
+    if kind == "error_rate" and "destination" not in r.data:
+        destination = None
+    hours, zone = None, "UTC"
+    if kind == "silence":
+        if "hours" in r.data:
+            m = _HOURS.match(r.str("hours", None))
+            if not m:
+                r.fail("hours", f'expected a span such as "07:00-19:00", got {r.data["hours"]!r}')
+            hours = (int(m.group(1)) * 60 + int(m.group(2)), int(m.group(3)) * 60 + int(m.group(4)))
+            if hours[0] == hours[1]:
+                r.fail("hours", "expected a span that starts and ends at different times "
+                                "(leave hours out for all day)")
+        zone = r.str("timezone", "UTC")
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(zone)
+        except (ValueError, LookupError):
+            r.fail("timezone", f"expected a time zone such as Europe/Berlin or UTC, got {zone!r}")
+    r.done()
+    return AlertRule(name, kind, threshold, channel, destination, hours, zone)

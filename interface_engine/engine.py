@@ -31,6 +31,7 @@ from .channels.runtime import ChannelRuntime
 from .channels.templating import Mappings
 from .config import ConfigError, EngineConfig, ListenerConfig, prepare_sqlite_file
 from .ingest import Ingest
+from .metrics import Metrics
 from .mllp.listener import ListenerService, MLLPListenerFactory
 from .retention import RetentionService
 from .store import GroupCommitter, Store, control
@@ -70,6 +71,9 @@ class Engine(service.MultiService):
         self.sources: dict[str, DirectorySource] = {}
         self.channels: list[ChannelConfig] = []
         self.retention: RetentionService | None = None
+        #: the engine's metrics (`metrics.render()` for a scrape), made when the store opens
+        self.metrics: Metrics | None = None
+        self.alerts = None   # an alerts.AlertService when [[alerts.rules]] exist
 
     @property
     def charsets(self) -> dict:
@@ -90,20 +94,29 @@ class Engine(service.MultiService):
         self.store = Store(config.store.url, duplicate_window=config.store.duplicate_window,
                            audit=self.audit, node=config.node, cipher=self.cipher)
         self.store.check_schema()
+        self.metrics = Metrics(self.store)
         internet.TimerService(KEY_FILE_POLL, self.watch_keys).setServiceParent(self)
         self.audit.record("config.loaded", actor=self.audit.actor, object_type="config",
                           object_id=config.path, source=self.audit.source,
                           detail={"channels": [c.name for c in self.channels]})
-        self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch)
+        self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch,
+                                        metrics=self.metrics)
         self.committer.start()
         ownership = QueueOwnership(self.committer, self.reactor, config.node, config.queue_lease)
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets,
-                                      ownership=ownership)
+                                      ownership=ownership, metrics=self.metrics)
         self.runtime.paused = frozenset(control.paused(self.store))
         internet.TimerService(PAUSES_POLL, self._read_pauses).setServiceParent(self)
         if config.retention.schedule:
             self.retention = RetentionService(self.store, config.retention, self.reactor, self.audit)
             self.retention.setServiceParent(self)
+        if config.alerts.rules:
+            from .alerts import AlertService
+
+            self.alerts = AlertService(config.alerts, self.store, self.metrics, self.audit, self.reactor,
+                                       config.node,
+                                       channels=lambda: [c.name for c in self.channels if c.enabled])
+            self.alerts.setServiceParent(self)
         try:
             self._arrange(self.channels)
             if config.admin.enabled:
@@ -168,8 +181,9 @@ class Engine(service.MultiService):
                 self.listeners[name].factory.ingest.routes = tuple(routes)
                 continue
             ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, routes,
-                            keys=self.keys)
-            factory = MLLPListenerFactory(listener, ingest, self.committer, self.config.store.max_backlog)
+                            keys=self.keys, metrics=self.metrics)
+            factory = MLLPListenerFactory(listener, ingest, self.committer, self.config.store.max_backlog,
+                                          metrics=self.metrics)
             factory.refused = self.refusals
             svc = ListenerService(factory, self.reactor)
             self.listeners[name] = svc
@@ -182,7 +196,7 @@ class Engine(service.MultiService):
             if name not in self.sources:
                 listener = ListenerConfig(name=f"directory:{name}")
                 ingest = Ingest(self.committer, listener, self.config.hl7, self.runtime, [channel],
-                                keys=self.keys)
+                                keys=self.keys, metrics=self.metrics)
                 source = DirectorySource(channel, ingest, self.reactor)
                 self.sources[name] = source
                 source.setServiceParent(self)
@@ -300,6 +314,8 @@ class Engine(service.MultiService):
                      counts=", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "idle")
         if self.retention is not None:
             yield self.retention.stopService()  # ends after its batch in flight
+        if self.alerts is not None:
+            yield self.alerts.stopService()     # ends after its evaluation in flight
         if self.checkpoints is not None:
             audit = self.audit
             try:

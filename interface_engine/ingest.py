@@ -20,6 +20,8 @@ from . import hl7, log as logging
 from .config import HL7Config, ListenerConfig
 from .hl7.patients import patient_ids
 from .keys import Keys
+from .metrics import (REJECTED_CONFLICT, REJECTED_HEADER, REJECTED_LIMITS, REJECTED_OVERSIZED,
+                      REJECTED_UNROUTED, Metrics)
 from .store import (CONFLICT, DUPLICATE, RECEIVED, REJECTED, STORED, GroupCommitter, Incoming,
                     Outcome)
 
@@ -66,8 +68,9 @@ class Ingest:
     """
 
     def __init__(self, committer: GroupCommitter, listener: ListenerConfig, charsets: HL7Config,
-                 runtime=None, routes=(), keys: Keys | None = None):
+                 runtime=None, routes=(), keys: Keys | None = None, metrics: Metrics | None = None):
         self.committer = committer
+        self.metrics = metrics or Metrics()
         self.keys = keys
         self.listener = listener.name
         self.charsets = {"default_charset": charsets.default_charset,
@@ -111,6 +114,7 @@ class Ingest:
         """The AR for a frame over the size limit; nothing of it is stored."""
         header = hl7.peek(head, **self.charsets)
         self.counts["oversized"] += 1
+        self.metrics.error(REJECTED_OVERSIZED)
         log.warn("frame over {limit} bytes from {peer} (control id {control_id!r}) refused",
                  limit=limit, peer=peer, control_id=header.control_id)
         return hl7.build_ack(header, hl7.ack_code(header, "reject"), control_id=self.control_ids(),
@@ -118,11 +122,11 @@ class Ingest:
 
     def _message(self, raw: bytes, peer: str) -> defer.Deferred:
         header = hl7.peek(raw, **self.charsets)
-        error, channel = header.error, None
+        error, channel, kind = header.error, None, REJECTED_HEADER
         if error is None:
-            error = over_limits(raw, header, self.limits)
+            error, kind = over_limits(raw, header, self.limits), REJECTED_LIMITS
         if error is None:
-            channel, error = self.route(header)
+            (channel, error), kind = self.route(header), REJECTED_UNROUTED
         if error is None:
             ack = hl7.build_ack(header, hl7.ack_code(header, "accept"), control_id=self.control_ids())
         else:
@@ -142,7 +146,7 @@ class Ingest:
             patients=self._patients(raw, header),
         )
         d = self.committer.submit(item)
-        d.addCallback(self._stored, item, peer)
+        d.addCallback(self._stored, item, peer, kind)
         if channel is not None and channel.source.ack_mode == "processed":
             d.addCallback(self._processed, item, header, channel)
         return d
@@ -173,7 +177,8 @@ class Ingest:
                              reason="message control id already received with different content",
                              error_code="207")
 
-    def _stored(self, outcome: Outcome, item: Incoming, peer: str) -> tuple[bytes, Outcome]:
+    def _stored(self, outcome: Outcome, item: Incoming, peer: str, kind: str) -> tuple[bytes, Outcome]:
+        """Count and log what the commit made of a message; `kind` is why it was rejected, if it was."""
         if outcome.kind == DUPLICATE:
             self.counts["duplicates"] += 1
             log.info("duplicate {type}^{trigger} {control_id!r} from {peer}: answered as message {id}",
@@ -181,11 +186,13 @@ class Ingest:
                      control_id=item.control_id, peer=peer, id=outcome.message_id)
         elif outcome.kind == CONFLICT:
             self.counts["conflicts"] += 1
+            self.metrics.error(REJECTED_CONFLICT)
             log.warn("control id {control_id!r} from {peer} reused with different content: "
                      "stored as rejected message {id}",
                      control_id=item.control_id, peer=peer, id=outcome.message_id)
         elif item.state == REJECTED:
             self.counts["rejected"] += 1
+            self.metrics.error(kind)
             log.warn("rejected message {id} from {peer}: {reason}",
                      id=outcome.message_id, peer=peer, reason=item.error)
         else:

@@ -37,6 +37,7 @@ class Api:
             route("GET", "/readyz", None, self.readyz),
             route("POST", "/login", None, self.login, max_body=LOGIN_MAX_BODY),
             route("POST", "/logout", "viewer", self.logout, changes=True),
+            route("GET", "/metrics", "viewer", self.metrics),
             route("GET", "/api/v1/openapi.json", "viewer", self.openapi),
             route("GET", "/api/v1/session", "viewer", self.session),
             route("GET", "/api/v1/engine", "viewer", self.engine_info),
@@ -77,6 +78,13 @@ class Api:
             body = {"status": "ready" if not problems else "not ready", "problems": problems}
             return Raw(json.dumps(body).encode(), b"application/json", 200 if not problems else 503)
         return threads.deferToThread(store_answers).addCallbacks(lambda _: answer(), answer)
+
+    def metrics(self, request):
+        """Prometheus text format; the store's counts are read at each scrape, in a thread."""
+        def answer(rendered):
+            body, content_type = rendered
+            return Raw(body, content_type.encode())
+        return threads.deferToThread(self.engine.metrics.render).addCallback(answer)
 
     # -- sessions ----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from ..destinations.mllp import MLLPDestination
 from ..store import (DEAD, ERROR, FILTERED, QUEUED, SENT, Attempt, Processed, QueuedDelivery,
                      utcnow)
 from ..config import ConfigError
+from ..metrics import DEAD_LETTERED, DELIVERY_FAILED, TEMPLATE, Metrics
 from ..secrets import SecretError
 from .config import ChannelConfig, DestinationConfig
 from .ownership import QueueOwnership
@@ -82,8 +83,9 @@ def loggable(error: str | None) -> str:
 
 class ChannelRuntime:
     def __init__(self, channels: list[ChannelConfig], mappings: Mappings, committer, reactor,
-                 charsets: dict | None = None, *, ownership: QueueOwnership):
+                 charsets: dict | None = None, *, ownership: QueueOwnership, metrics: Metrics | None = None):
         self.committer = committer
+        self.metrics = metrics or Metrics()
         #: which destination queues this engine may deliver for (leases shared with other engines)
         self.ownership = ownership
         ownership.runtime = self
@@ -251,6 +253,8 @@ class ChannelRuntime:
                 waiter.finish(True, None)
             return
         for delivery in processed.deliveries:
+            if delivery.state == ERROR:
+                self.metrics.error(TEMPLATE, processed.channel, delivery.destination)
             if delivery.state in (QUEUED, ERROR):
                 worker = self.workers.get((processed.channel, delivery.destination))
                 if worker:
@@ -319,6 +323,11 @@ class DestinationWorker:
         self._loop: defer.Deferred | None = None
         self.sent = 0
         self.failed = 0
+        metrics, labels = runtime.metrics, (channel.name, config.name)
+        self._latency = metrics.delivery_latency.labels(*labels)
+        self._failures = metrics.errors.labels(DELIVERY_FAILED, *labels)
+        self._dead = metrics.errors.labels(DEAD_LETTERED, *labels)
+        self._template_errors = metrics.errors.labels(TEMPLATE, *labels)
 
     @property
     def key(self) -> str:
@@ -392,6 +401,7 @@ class DestinationWorker:
                 if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
                     return (delivery.next_attempt_at - now).total_seconds()
                 attempt = yield self._attempt(delivery)
+                self._latency.observe(attempt.duration_ms / 1000)
                 record = self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
                 records.append(record)
                 if attempt.new_state == ERROR or not self.destination.idempotent:
@@ -413,6 +423,7 @@ class DestinationWorker:
             if prepared.state == FILTERED:
                 return self._record(delivery, started_at, started, Result(True, None, None), FILTERED)
             if prepared.state == ERROR:
+                self._template_errors.inc()
                 return self._failed(delivery, started_at, started,
                                     Result(False, None, prepared.error, retry=True))
             output = rendered = prepared.output
@@ -436,6 +447,7 @@ class DestinationWorker:
 
     def _failed(self, delivery, started_at, started, result: Result, output=None) -> Attempt:
         self.failed += 1
+        self._failures.inc()
         failures = delivery.attempts + 1
         retry = self.config.retry
         give_up = retry.on_failure == "skip" and (failures >= retry.attempts or not result.retry)
@@ -443,6 +455,7 @@ class DestinationWorker:
                  key=self.key, id=delivery.id, n=failures, error=loggable(result.error),
                  then="; dead-lettered, the queue moves on" if give_up else "")
         if give_up:
+            self._dead.inc()
             return self._record(delivery, started_at, started, result, DEAD, output=output)
         # The far side's Retry-After is honoured, up to an hour: a hostile or broken
         # header must not hold a queue for years.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections import Counter, deque
 
 from twisted.application import service
@@ -12,16 +13,18 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import ListenerConfig
+from ..metrics import Metrics
 from .framing import MLLPReceiver
 
 log = Logger()
 
 
 class _Answer:
-    __slots__ = ("payload", "ready", "close")
+    __slots__ = ("payload", "ready", "close", "started")
 
-    def __init__(self, payload=None, ready=False, close=False):
+    def __init__(self, payload=None, ready=False, close=False, started=None):
         self.payload, self.ready, self.close = payload, ready, close
+        self.started = started   # when its frame was complete: for the ACK latency
 
 
 @implementer(IHandshakeListener)
@@ -60,7 +63,7 @@ class MLLPListenerProtocol(MLLPReceiver):
     def frameReceived(self, payload: bytes):
         if self._closed:
             return
-        answer = _Answer()
+        answer = _Answer(started=time.perf_counter())
         self._answers.append(answer)
         d = self.factory.ingest.receive(payload, self.peer)
         d.addCallbacks(self._answered, self._notStored, callbackArgs=(answer,), errbackArgs=(answer,))
@@ -86,6 +89,8 @@ class MLLPListenerProtocol(MLLPReceiver):
             answer = answers.popleft()
             if answer.payload is not None and not self._closed:
                 self.sendFrame(answer.payload)
+                if answer.started is not None:
+                    self.factory.ack_latency.observe(time.perf_counter() - answer.started)
             if answer.close:
                 self._close()
                 answers.clear()
@@ -161,8 +166,12 @@ class MLLPListenerFactory(protocol.Factory):
     protocol = MLLPListenerProtocol
     noisy = False  # the listener logs its own start, with its name
 
-    def __init__(self, config: ListenerConfig, ingest, committer, max_backlog: int):
+    def __init__(self, config: ListenerConfig, ingest, committer, max_backlog: int,
+                 metrics: Metrics | None = None):
         self.config = config
+        metrics = metrics or Metrics()
+        self.ack_latency = metrics.ack_latency.labels(config.name)
+        self.tls_failures = metrics.tls_failures.labels(config.name)
         self.ingest = ingest
         self.committer = committer
         self.max_backlog = max_backlog
@@ -213,6 +222,7 @@ class MLLPListenerFactory(protocol.Factory):
 
     def handshakeFailed(self, peer: str, why: str):
         self.counts["tls_refused"] += 1
+        self.tls_failures.inc()
         log.warn("refused TLS connection from {peer} on {name}: {why}", peer=peer,
                  name=self.config.name, why=why)
         self.refused(self.config.name, peer, why)

@@ -26,6 +26,7 @@ import time
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ..metrics import Metrics
 from .store import Store
 
 log = Logger()
@@ -34,8 +35,10 @@ _STOP = object()
 
 
 class GroupCommitter:
-    def __init__(self, store: Store, reactor, *, max_batch: int = 512):
+    def __init__(self, store: Store, reactor, *, max_batch: int = 512, metrics: Metrics | None = None):
         self.store = store
+        self._commit_latency = (metrics or Metrics()).commit_latency
+        self._latency_of: dict = {}   # store method -> its histogram child, taken once
         self.reactor = reactor
         self.max_batch = max_batch
         self.pending = 0
@@ -113,9 +116,16 @@ class GroupCommitter:
                 except Exception as error:  # any failure means nothing in this group is durable
                     self.reactor.callFromThread(self._fail, entries, error, method)
                 else:
-                    self.reactor.callFromThread(self._deliver, entries, results,
-                                                time.perf_counter() - started)
+                    seconds = time.perf_counter() - started
+                    self._observe(method, seconds)
+                    self.reactor.callFromThread(self._deliver, entries, results, seconds)
         self.reactor.callFromThread(self._finished)
+
+    def _observe(self, method, seconds: float):
+        child = self._latency_of.get(method)
+        if child is None:
+            child = self._latency_of[method] = self._commit_latency.labels(method.__name__)
+        child.observe(seconds)
 
     def _deliver(self, entries, results: list, seconds: float):
         self.batches += 1

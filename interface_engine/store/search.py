@@ -173,5 +173,25 @@ QUEUES = (select(_d.channel, _d.destination, func.count(), func.min(_d.id))
           .where(_d.state.in_(PENDING_STATES)).group_by(_d.channel, _d.destination))
 
 
+def last_received(conn: sa.Connection, channels) -> dict[str, datetime | None]:
+    """When each channel last stored a message (None: never), from index seeks only.
+
+    The newest id of a channel is the largest of its newest per state, each one seek in
+    ix_messages_channel_state (channel, state, id); a plain MAX over the channel would
+    read all of its entries.
+    """
+    m = messages.c
+    found: dict[str, datetime | None] = {}
+    for channel in channels:
+        newest = None
+        for state in MESSAGE_STATES:
+            top = conn.execute(select(func.max(m.id)).where(m.channel == channel, m.state == state)).scalar()
+            if top is not None and (newest is None or top > newest):
+                newest = top
+        found[channel] = None if newest is None else conn.execute(
+            select(m.received_at).where(m.id == newest)).scalar_one()
+    return found
+
+
 def _empty_destination() -> dict:
     return {state: 0 for state in DELIVERY_STATES} | {"queue_depth": 0, "oldest_queued_age_s": None}

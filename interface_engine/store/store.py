@@ -535,6 +535,13 @@ class Store:
         with self._connect() as conn:
             return status(conn, now or utcnow())
 
+    def last_received(self, channels) -> dict:
+        """Per channel name, the receipt time (naive UTC) of its newest stored message, or None."""
+        from .search import last_received
+
+        with self._connect() as conn:
+            return last_received(conn, channels)
+
     def count_messages(self, **where) -> int:
         query = select(func.count()).select_from(messages)
         for column, value in where.items():
