@@ -115,7 +115,10 @@ class Console:
 
     def shot(self, folder: Path, name: str):
         path = folder / f"{name}.png"
+        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(1400, min(height + 150, 8000))     # the whole page in one picture
         assert self.driver.save_screenshot(str(path)) and path.stat().st_size > 1000
+        self.driver.set_window_size(1400, 1100)
         print(f"screenshot: {path}")
 
 
