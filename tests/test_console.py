@@ -83,3 +83,23 @@ def test_a_form_logout_ends_the_session_and_returns_to_the_login_form(admin):
     assert status == 303 and answer.getheader("Location") == "/login"
     assert fetch(admin, "GET", "/", headers={"Cookie": cookie})[0] == 303
     wait_for(lambda: audit_actions(admin.setup.store, "access.denied"), "the refused logout audited")
+
+
+def test_a_replay_form_post_must_name_its_action(admin):
+    setup = admin.setup
+    assert [a[0] for a in setup.send(adt_a01("ACT1"))] == ["AA"]
+    setup.wait(lambda: setup.store.count_deliveries(state="sent") == 2, what="delivered")
+    _, _, cookie = log_in(admin, "operator")
+    page = fetch(admin, "GET", "/", headers={"Cookie": cookie})[2]
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    session = FORM | {"Cookie": cookie}
+    status, _, page = fetch(admin, "POST", "/ui/messages/1/replay", f"csrf={csrf}&destination=downstream", session)
+    assert status == 400 and "expected dry-run or replay" in page
+    status, _, page = fetch(admin, "POST", "/ui/messages/1/replay",
+                            f"csrf={csrf}&destination=nowhere&action=replay", session)
+    assert status == 400 and "nowhere" in page        # the API's own refusal, as a page
+    assert setup.store.count_deliveries() == 2
+    status, _, page = fetch(admin, "POST", "/ui/messages/1/replay",
+                            f"csrf={csrf}&destination=downstream&action=replay", session)
+    assert status == 200 and 'id="queued">1<' in page
+    setup.wait(lambda: setup.store.count_deliveries(state="sent") == 3, what="the replay sent")

@@ -151,8 +151,11 @@ class Console:
 
         request.content.seek(0)
         form = parse_qs(request.content.read().decode("utf-8", "replace"))
+        action = form.get("action", [""])[0]
+        if action not in ("dry-run", "replay"):       # a replay is only ever asked for by name
+            return self._page(request, "error.html", 400, error="action: expected dry-run or replay")
         ids = [int(message_id)] if message_id.isdigit() else None    # None: the API's own refusal
-        dry_run = form.get("action", [""])[0] == "dry-run"
+        dry_run = action == "dry-run"
         d = defer.maybeDeferred(self.api.run_replay, request, ids, form.get("destination", []),
                                 form.get("mapping", [CURRENT])[0], dry_run)
         d.addCallback(lambda result: self._page(request, "replayed.html", number=message_id, result=result,
