@@ -205,6 +205,7 @@ class Engine(service.MultiService):
         """The admin server, with API tokens kept in memory and re-read every few seconds."""
         from .admin.api import Api
         from .admin.auth import TOKEN_REFRESH, Accounts, Gate
+        from .admin.pages import Console
         from .admin.server import AdminService, AdminSite
 
         config = self.config.admin
@@ -217,7 +218,8 @@ class Engine(service.MultiService):
             d.addCallbacks(lambda tokens: setattr(gate, "tokens", tokens),
                            lambda f: log.error("could not re-read the API tokens: {error}",
                                                error=f.getErrorMessage()))
-        site = AdminSite(Api(self, gate).routes(), gate, config.max_body, self.audit, self.refusals)
+        api = Api(self, gate)
+        site = AdminSite(api.routes() + Console(api).routes(), gate, config.max_body, self.audit, self.refusals)
         AdminService(config, site, self.reactor).setServiceParent(self)
         internet.TimerService(TOKEN_REFRESH, refresh).setServiceParent(self)
 

@@ -16,6 +16,9 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert test.endswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in ci, ".ci/run must run the README's test command word for word"
+    install = next(i for i, line in enumerate(ci) if "apt-get install" in line)
+    assert "chromium chromium-driver" in ci[install] and install < ci.index(test), \
+        ".ci/run must install the browser tests' Chromium before running the tests"
 
 
 def test_systemd_unit_is_hardened():

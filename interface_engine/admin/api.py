@@ -11,6 +11,7 @@ import json
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from twisted.internet import threads
@@ -21,7 +22,8 @@ from ..hl7.patients import patient_ids
 from ..store import control, utcnow
 from ..store.search import SearchError, parse_time
 from .auth import Gate
-from .server import LOGIN_MAX_BODY, ApiError, Raw, json_body, route
+from .pages import browser_next, see_other
+from .server import LOGIN_MAX_BODY, ApiError, Raw, _form, json_body, route
 
 OPENAPI = Path(__file__).with_name("openapi.json")
 
@@ -92,6 +94,7 @@ class Api:
         """A browser login (form or JSON: user, password) → session cookie. Failures are audited."""
         fields = _fields(request)
         name, password = str(fields.get("user", "")), str(fields.get("password", ""))
+        back = browser_next(fields)      # the console's form: answer with a redirect, not JSON
         from .auth import Accounts
 
         accounts = Accounts(self.engine.store)
@@ -102,18 +105,23 @@ class Api:
                                     object_id="admin", source=peer,
                                     outcome=SUCCESS if role else FAILURE)
             if role is None:
+                if back:
+                    return see_other("/login?" + urlencode({"next": back, "failed": "1"}))
                 raise ApiError(401, "wrong user name or password")
             session_id = self.gate.open_session(name, role)
             secure = self.engine.config.admin.tls is not None
             request.addCookie(Gate.COOKIE, session_id.encode(), path=b"/", httpOnly=True,
                               secure=secure, sameSite=b"strict")
+            if back:
+                return see_other(back)
             return {"user": name, "role": role, "csrf": self.gate.sessions[session_id].csrf}
         return threads.deferToThread(accounts.verify, name, password).addCallback(done)
 
     def logout(self, request):
         self.gate.close_session(request.getCookie(Gate.COOKIE))
         request.addCookie(Gate.COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, sameSite=b"strict")
-        return {"status": "logged out"}
+        back = browser_next(_form(request))
+        return see_other(back) if back else {"status": "logged out"}
 
     def session(self, request):
         p = request.principal
@@ -143,8 +151,9 @@ class Api:
             return found
         return threads.deferToThread(work)
 
-    def search(self, request):
-        args = _args(request)
+    def search(self, request, args: dict[str, str] | None = None):
+        """`args`: the console's search form, its empty fields left out; else the query string."""
+        args = _args(request) if args is None else args
         if "patient" in args and not request.principal.may("analyst"):
             self._denied(request, "analyst", "search by patient")
             raise ApiError(403, "searching by patient needs the analyst role")
@@ -164,7 +173,7 @@ class Api:
             return [inspection.jsonable(r) for r in self.engine.store.search(criteria)]
         return threads.deferToThread(work).addCallback(lambda rows: {"messages": rows})
 
-    def message(self, request, message_id):
+    def message(self, request, message_id, view: str = "api"):
         """Metadata for every role; raw, segments, outputs and answers from `analyst` up (audited first)."""
         number = _whole(message_id, "message id")
         full = request.principal.may("analyst")
@@ -179,7 +188,7 @@ class Api:
                 return inspection.outline(row, deliveries)
             engine.audit.record("content.viewed", actor=request.principal.actor, object_type="message",
                                 object_id=str(number), source=_peer(request),
-                                correlation_id=row["correlation_id"], detail={"view": "api"})
+                                correlation_id=row["correlation_id"], detail={"view": view})
             return inspection.shown(row, deliveries)
         return threads.deferToThread(work)
 
@@ -202,12 +211,20 @@ class Api:
     # -- changing -----------------------------------------------------------------------
 
     def replay(self, request):
-        """Queue stored messages again (or preview with dry_run): the same rules as `interface-engine replay`."""
-        from ..replay import CURRENT, ORIGINAL, Replay, ReplayError
+        from ..replay import CURRENT
 
         body = json_body(request)
-        ids, destinations = body.get("ids"), body.get("destinations", [])
-        mapping, dry_run = body.get("mapping", CURRENT), body.get("dry_run", False)
+        return self.run_replay(request, body.get("ids"), body.get("destinations", []),
+                               body.get("mapping", CURRENT), body.get("dry_run", False))
+
+    def run_replay(self, request, ids, destinations, mapping, dry_run):
+        """Queue stored messages again (or preview with dry_run): the same rules as `interface-engine replay`.
+
+        The API's JSON and the console's form both come here, so a replay is checked,
+        done and audited one way whichever asked for it.
+        """
+        from ..replay import CURRENT, ORIGINAL, Replay, ReplayError
+
         if (not isinstance(ids, list) or not ids or len(ids) > 10_000
                 or not all(isinstance(i, int) and not isinstance(i, bool) and i in _INT64 for i in ids)):
             raise ApiError(400, "ids: expected a list of 1 to 10000 message ids")
@@ -391,8 +408,6 @@ def _args(request) -> dict[str, str]:
 
 
 def _fields(request) -> dict:
-    from .server import _form
-
     if (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
         return json_body(request)
     return _form(request)
