@@ -97,13 +97,16 @@ class Api:
         back = browser_next(fields)      # the console's form: answer with a redirect, not JSON
         from .auth import Accounts
 
-        accounts = Accounts(self.engine.store)
+        accounts, audit, peer = Accounts(self.engine.store), self.engine.audit, _peer(request)
+
+        def check():
+            """The verdict and its audit event, both before the answer."""
+            role = accounts.verify(name, password)
+            audit.record("auth.login", actor=f"user:{name}"[:128], object_type="session", object_id="admin",
+                         source=peer, outcome=SUCCESS if role else FAILURE)
+            return role
 
         def done(role):
-            peer = _peer(request)
-            self.engine.audit_later("auth.login", actor=f"user:{name}"[:128], object_type="session",
-                                    object_id="admin", source=peer,
-                                    outcome=SUCCESS if role else FAILURE)
             if role is None:
                 if back:
                     return see_other("/login?" + urlencode({"next": back, "failed": "1"}))
@@ -115,7 +118,7 @@ class Api:
             if back:
                 return see_other(back)
             return {"user": name, "role": role, "csrf": self.gate.sessions[session_id].csrf}
-        return threads.deferToThread(accounts.verify, name, password).addCallback(done)
+        return threads.deferToThread(check).addCallback(done)
 
     def logout(self, request):
         self.gate.close_session(request.getCookie(Gate.COOKIE))
