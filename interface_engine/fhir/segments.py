@@ -46,6 +46,18 @@ _VERIFICATION = {"C": "confirmed", "U": "unconfirmed", "P": "unconfirmed", "S": 
 _DIAGNOSIS_ROLE = {"A": "AD", "F": "DD", "W": None}
 _CONDITION_CATEGORY = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
                                     "code": "encounter-diagnosis"}]}]
+_ATTACHMENT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.{}valueAttachment"
+_MIME = {"pdf": "application/pdf", "rtf": "application/rtf", "html": "text/html", "jpeg": "image/jpeg",
+         "jpg": "image/jpeg", "png": "image/png", "tiff": "image/tiff", "gif": "image/gif", "xml": "application/xml",
+         "plain": "text/plain", "sgml": "text/sgml", "postscript": "application/postscript",
+         "octet-stream": "application/octet-stream", "dicom": "application/dicom"}
+_NOT_BASE64 = '<>()[]{}!?*&%$#@~^|":;,. -_'
+_FT_COMMANDS = ((".br", "\n"), (".sp", "\n"), (".fi", ""), (".nf", ""), (".ce", ""), ("H", ""), ("N", ""))
+_TEXT_TYPES = ("ST", "TX", "FT")
+_CODED_TYPES = ("CE", "CWE", "CNE", "CF", "IS", "ID", "CX")
+_DATETIME_TYPES = ("DT", "DTM", "TS")
+_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+_NOT_ASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-asked"}]}
 
 
 def _int(value, default: int) -> int:
@@ -83,6 +95,26 @@ def _ref(kind: str, rid: str | None, display=None) -> dict | None:
     if not rid:
         return None
     return {"reference": f"{kind}/{rid}", "display": display} if display is not None else {"reference": f"{kind}/{rid}"}
+
+
+def _encoding_characters(seg: TemplateSegment) -> tuple[str, str]:
+    """The repetition separator and escape character as MSH-2 writes them ('' when it has none)."""
+    msh2 = seg._message["MSH-2"]
+    return msh2[1:2], msh2[2:3]
+
+
+def _count(seg: TemplateSegment, f: str, rep: str) -> int:
+    """How many repetitions field ``f`` has (0 when empty)."""
+    raw = seg[f]
+    return (raw.count(rep) + 1 if rep else 1) if raw else 0
+
+
+def _ft_text(text: str, esc: str) -> str:
+    """FT text with its formatting commands as plain text: \\.br\\ and \\.sp\\ line breaks, the others dropped."""
+    if esc and esc in text:
+        for command, replacement in _FT_COMMANDS:
+            text = text.replace(esc + command + esc, replacement)
+    return text
 
 
 def _repetitions(seg: TemplateSegment, f: str) -> list[str]:
@@ -609,3 +641,152 @@ class FHIRHelpers(FHIRNamespace):
             "use": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/diagnosis-role", "code": role}]}
             if role else None,
             "rank": rank if rank > 0 else None}}
+
+    # OBX
+
+    def observation(self, obx, obsid, ctx=None) -> dict:
+        """OBX[Observation] (with NTE[Observation] notes given): ``resources`` (the OBX-16 Practitioners,
+        the OBX-23 Organization, the Observation with id ``obsid``) and ``ref``.
+        ``ctx`` (a dict): subject, encounter, basedOn, partOf, specimen, focus (references),
+        effective (when OBX-14 is empty, e.g. OBR-7), status (when OBX-11 is empty or unmapped),
+        notes (Annotations), category. Status: OBX-11 (its code) via v2-0085, else ctx status,
+        else unknown. The value by OBX-2 (see ``_obx_value``); a repeating OBX-5 of a coded or
+        numeric type becomes one component per repetition (OBX[Observation-Component]),
+        repetitions of a text type are joined by line breaks. No value and OBX-11 N:
+        dataAbsentReason not-asked (IG). Interpretation: OBX-8 via v2-0078-interpretation,
+        else the v2-0078 code as is."""
+        obx = _segment(obx, "observation")
+        if obx is None or obx.name != "OBX":
+            raise HelperError("fhir.observation reads an OBX segment")
+        ctx = ctx or {}
+        if not isinstance(ctx, dict):
+            raise HelperError("fhir.observation: the context is a dict (subject, encounter, notes...)")
+        rep, esc = _encoding_characters(obx)
+        vtype = obx["OBX-2.1"].strip().upper()
+        reps = _count(obx, "OBX-5", rep)
+        code = self.concept(obx, "OBX-3") or {"text": obx["OBX-3"] or "unknown"}
+        components = []
+        if reps > 1 and vtype in _TEXT_TYPES:
+            lines = []
+            for r in range(1, reps + 1):
+                v = obx[f"OBX-5[{r}]"]
+                lines.append("" if v == NULL else v)
+            joined = "\n".join(lines)
+            value = {"valueString": _ft_text(joined, esc) if vtype == "FT" else joined}
+        elif reps > 1:
+            for r in range(1, reps + 1):
+                made = self._obx_value(obx, f"OBX-5[{r}]", vtype, esc, component=True)
+                if made:
+                    components.append(dict({"code": code}, **made))
+            value = {}
+        else:
+            value = self._obx_value(obx, "OBX-5", vtype, esc)
+        interpretation = []
+        for r in range(1, _count(obx, "OBX-8", rep) + 1):
+            flag = obx[f"OBX-8[{r}].1"].strip()
+            mapped = self.code(flag, "v2-0078-interpretation")
+            if mapped:
+                interpretation.append({"coding": [{"system": _INTERPRETATION, "code": mapped}]})
+            elif flag and flag != NULL:
+                interpretation.append({"coding": [{"system": _V2 + "0078", "code": flag}]})
+        made = self.practitioners(obx, "OBX-16")
+        resources, performers = made["resources"], made["refs"]
+        made = self.organization(obx, "OBX-23")
+        resources += made["resources"]
+        if made["ref"]:
+            performers.append(made["ref"])
+        result_status = obx["OBX-11.1"].strip().upper()
+        status = self.code(result_status, "v2-0085-observation-status") or ctx.get("status") or "unknown"
+        reference_range = self.reference_range(obx, "OBX-7", "OBX-6")
+        identifier = self.ei(obx, "OBX-21", "FILL") if obx["OBX-21"] else None
+        resources.append(dict({
+            "resourceType": "Observation",
+            "id": obsid,
+            "identifier": [identifier] if identifier else [],
+            "basedOn": ctx.get("basedOn") or [],
+            "partOf": ctx.get("partOf") or [],
+            "status": status,
+            "category": ctx.get("category") or [],
+            "code": code,
+            "subject": ctx.get("subject"),
+            "focus": ctx.get("focus") or [],
+            "encounter": ctx.get("encounter"),
+            "effectiveDateTime": self.datetime(obx, "OBX-14") or ctx.get("effective"),
+            "performer": performers,
+            "dataAbsentReason": _NOT_ASKED if not value and not components and result_status == "N" else None,
+            "interpretation": interpretation,
+            "note": ctx.get("notes") or [],
+            "bodySite": self.concept(obx, "OBX-20"),
+            "method": self.concept(obx, "OBX-17"),
+            "specimen": ctx.get("specimen"),
+            "referenceRange": [reference_range] if reference_range else [],
+            "component": components,
+        }, **value))
+        return {"resources": resources, "ref": _ref("Observation", obsid)}
+
+    def _obx_value(self, obx: TemplateSegment, f: str, vtype: str, esc: str, component: bool = False) -> dict:
+        """The value[x] of one OBX-5 repetition at ``f`` by the value type OBX-2 (OBX[Observation]):
+        NM valueQuantity with OBX-6 units (valueString if not a number); SN by SN.3 (``sn``:
+        valueRatio, valueRange, valueString, else valueQuantity); ST TX valueString; FT valueString
+        with its formatting commands as line breaks; CE CWE CNE CF IS ID CX valueCodeableConcept;
+        DT DTM TS valueDateTime; TM valueTime; NR valueRange; DR valuePeriod; ED with Base64 data
+        and RP: the IG's R5 cross-version extension valueAttachment (R4 Observation has none; for a
+        component extension-Observation.component.valueAttachment): ED's data with the MIME
+        type of ED.3 (table 0291), RP[Attachment]'s url RP.1 (escapes decoded, spaces as %20) with
+        the MIME type of RP.4 when it names one (the IG writes RP.3/RP.4, e.g. IM/MRXS, which is
+        no MIME type: left out); VR valueString low-high (IG); any other type valueString of its
+        components decoded and joined by spaces, never the encoded v2 text. {} when empty."""
+        raw = obx[f]
+        if raw == "" or raw == NULL:
+            return {}
+        if vtype == "NM":
+            q = self.quantity(raw, obx, "OBX-6")
+            return {"valueQuantity": q} if q else {"valueString": self.text(obx, f)}
+        if vtype == "SN":
+            sn = self.sn(obx, f, "OBX-6")
+            return {"value" + sn["kind"]: sn["value"]} if sn else {"valueString": self.text(obx, f)}
+        if vtype in ("ST", "TX"):
+            return {"valueString": str(raw)}
+        if vtype == "FT":
+            return {"valueString": _ft_text(str(raw), esc)}
+        if vtype in _CODED_TYPES:
+            return {"valueCodeableConcept": self.concept(obx, f)}
+        if vtype in _DATETIME_TYPES:
+            return {"valueDateTime": self.datetime(obx, f + ".1")}
+        if vtype == "TM":
+            return self._obx_time(obx, f)
+        if vtype == "NR":
+            low = self.quantity(obx[f + ".1"], obx, "OBX-6")
+            high = self.quantity(obx[f + ".2"], obx, "OBX-6")
+            return {"valueRange": {"low": low, "high": high}} if low or high else {"valueString": self.text(obx, f)}
+        url = _ATTACHMENT.format("component." if component else "")
+        if vtype == "ED":
+            data = obx[f + ".5"].strip()
+            if (len(data) % 4 != 0 or obx[f + ".4"].strip().lower() != "base64"
+                    or any(c in data for c in _NOT_BASE64) or not data):
+                return {}
+            mime = _MIME.get(obx[f + ".3"].strip().lower()) or "application/octet-stream"
+            return {"extension": [{"url": url, "valueAttachment": {"contentType": mime, "data": data}}]}
+        if vtype == "RP":
+            location = self.text(obx, f + ".1", "&")
+            if not location:
+                return {"valueString": self.text(obx, f)}
+            mime = _MIME.get((self.text(obx, f + ".4") or "").lower())
+            return {"extension": [{"url": url, "valueAttachment": {"contentType": mime,
+                                                                   "url": location.replace(" ", "%20")}}]}
+        if vtype == "DR":
+            return {"valuePeriod": {"start": self.datetime(obx, f + ".1.1"), "end": self.datetime(obx, f + ".2.1")}}
+        if vtype == "VR":
+            return {"valueString": self.text(obx, f, "-")}
+        return {"valueString": self.text(obx, f)}
+
+    def _obx_time(self, obx: TemplateSegment, f: str) -> dict:
+        """A TM value as valueTime (hh:mm:ss with its fraction; the offset dropped), else as valueString."""
+        t = obx[f + ".1"].strip().split("+")[0].split("-")[0]
+        hh, mm, ss = t[0:2], t[2:4] or "00", t[4:6] or "00"
+        frac = t[6:] if t[6:7] == "." and _int(t[7:], -1) >= 0 else ""
+        digits = hh + mm + ss
+        if (len(t) >= 2 and len(digits) == 6 and _int(digits, -1) >= 0 and _int(hh, 0) < 24 and _int(mm, 0) < 60
+                and _int(ss, 0) < 60):
+            return {"valueTime": f"{hh}:{mm}:{ss}{frac}"}
+        return {"valueString": self.text(obx, f)}

@@ -25,6 +25,9 @@ LINES = [
     "PV1|1|O",
     "DG1|1||I10^Hypertension^I10||20260101|A|||||||||1|44^HOUSE^GREG",
     "AL1|1|DA|PCN^Penicillin^L|SV|HIVES~RASH",
+    "OBX|1|NM|GLU^Glucose^L||5.4~6.1|mmol/L^^UCUM|3.9-5.5|H|||F|||||55^LAB^LEO|||||||LABCO^^^^^GEN&2.999.1&ISO^^^^L1",
+    "OBX|2|FT|TXT^Text^L||line one\\.br\\two~three||||||X",
+    "OBX|3|ST|EMPTY^Nothing^L||||||||N",
 ]
 MSG = hl7.parse(("\r".join(LINES) + "\r").encode())
 _mappings = Mappings(MAPPINGS)
@@ -84,6 +87,25 @@ def test_allergy_reactions_per_repetition():
     assert allergy["id"] == fhir_id("AllergyIntolerance", "p1", "PCN", "L")
 
 
+def test_observation_after_its_performers_with_a_component_per_repetition():
+    made = run("fhir.observation(msg.segments('OBX')[0], 'o1', {'subject': {'reference': 'Patient/p1'}, 'status': 'final'})")
+    assert [r["resourceType"] for r in made["resources"]] == ["Practitioner", "Organization", "Observation"]
+    observation = made["resources"][-1]
+    assert made["ref"] == {"reference": "Observation/o1"} and observation["id"] == "o1"
+    assert [c["valueQuantity"]["value"] for c in observation["component"]] == [5.4, 6.1]
+    assert [p["reference"].split("/")[0] for p in observation["performer"]] == ["Practitioner", "Organization"]
+    assert observation["interpretation"][0]["coding"][0]["code"] == "H"
+    assert observation["referenceRange"][0]["low"]["value"] == 3.9
+    assert observation["status"] == "final" and observation["subject"] == {"reference": "Patient/p1"}
+
+
+def test_observation_text_repetitions_joined_and_no_value_not_asked():
+    text = run("fhir.observation(msg.segments('OBX')[1], 'o2').resources[-1]")
+    assert text["valueString"] == "line one\ntwo\nthree" and text["status"] == "cancelled"
+    empty = run("fhir.observation(msg.segments('OBX')[2], 'o3').resources[-1]")
+    assert empty["dataAbsentReason"]["coding"][0]["code"] == "not-asked" and "valueString" not in empty
+
+
 @pytest.mark.parametrize(("args", "system"), [
     ("'', '2.999.7', 'ISO'", "urn:oid:2.999.7"),
     ("'', 'urn:oid:2.999.7', 'iso'", "urn:oid:2.999.7"),
@@ -101,6 +123,8 @@ def test_hd_system_follows_the_cx4_rule(args, system):
     ("fhir.patient(msg)", "fhir.patient reads a segment"),
     ("fhir.practitioner(pv1, 7)", "fhir.practitioner: the field is a path"),
     ("fhir.allergy(pid, 'p1')", "fhir.allergy reads an AL1 or IAM segment"),
+    ("fhir.observation(pid, 'o1')", "fhir.observation reads an OBX segment"),
+    ("fhir.observation(msg.segment('OBX'), 'o1', 'subject')", "fhir.observation: the context is a dict"),
 ])
 def test_a_wrong_argument_is_a_template_error_naming_the_helper(expression, reason):
     with pytest.raises(TemplateError, match=reason):
