@@ -56,6 +56,9 @@ _FT_COMMANDS = ((".br", "\n"), (".sp", "\n"), (".fi", ""), (".nf", ""), (".ce", 
 _TEXT_TYPES = ("ST", "TX", "FT")
 _CODED_TYPES = ("CE", "CWE", "CNE", "CF", "IS", "ID", "CX")
 _DATETIME_TYPES = ("DT", "DTM", "TS")
+_ORDER_STATUS = {"A": "active", "CA": "revoked", "CM": "completed", "DC": "revoked", "ER": "entered-in-error",
+                 "HD": "on-hold", "IP": "active", "RP": "revoked", "SC": "active"}  # ORC-5, table 0038
+_PRIORITY = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "T": "urgent"}
 _INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _NOT_ASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-asked"}]}
 
@@ -790,3 +793,124 @@ class FHIRHelpers(FHIRNamespace):
                 and _int(ss, 0) < 60):
             return {"valueTime": f"{hh}:{mm}:{ss}{frac}"}
         return {"valueString": self.text(obx, f)}
+
+    # ORC, OBR, SPM
+
+    def order_numbers(self, orc=None, obr=None) -> dict:
+        """An order's numbers: ``placer`` (ORC-2, else OBR-2) and ``filler`` (ORC-3, else OBR-3) as
+        Identifiers typed PLAC and FILL, and ``key``, its business key: the placer number, else
+        the filler one, as value|system ('' without either)."""
+        orc, obr = _segment(orc, "order_numbers"), _segment(obr, "order_numbers")
+        placer = self.ei(orc, "ORC-2", "PLAC") if orc is not None else None
+        if not placer and obr is not None:
+            placer = self.ei(obr, "OBR-2", "PLAC")
+        filler = self.ei(orc, "ORC-3", "FILL") if orc is not None else None
+        if not filler and obr is not None:
+            filler = self.ei(obr, "OBR-3", "FILL")
+        k = placer or filler
+        return {"placer": placer, "filler": filler, "key": f"{k['value']}|{k['system'] or ''}" if k else ""}
+
+    def service_request(self, orc, obr, patient_id=None, extra=None) -> dict:
+        """ORC[ServiceRequest] + OBR[ServiceRequest] (either may be none): ``resources`` (the requester's
+        Practitioner, ORC-12 else OBR-16, then the ServiceRequest), ``id`` and ``ref``, none and []
+        when there is neither an order number nor an OBR-4 code to key it; and the
+        ``order_numbers``. Id: the order key (placer number, else filler number, with its
+        system) and the OBR-4 code (code, else text, and its coding system): one ServiceRequest
+        per OBR, as the IG makes them, even when several OBRs share one order number; an ORC
+        without OBR (or an OBR without OBR-4) by the order key alone; without any order number,
+        patient + OBR-4 + OBR-7 (else ORC-9) (departure: the IG keys on the order numbers).
+        status: ORC-5 (table 0038), else ORC-1 via v2-0119-order-control, else unknown. intent:
+        order (reflex-order when OBR-11 is G). authoredOn: ORC-9 when ORC-1 is NW (IG).
+        occurrence: OBR-6, else OBR-27.4, else ORC-7.4; priority: OBR-27.6, else OBR-5, else
+        ORC-7.6. reasonCode: each OBR-31. ``extra``: more elements (subject, encounter, note,
+        supportingInfo, reasonReference, specimen, insurance...), which win over these."""
+        orc, obr = _segment(orc, "service_request"), _segment(obr, "service_request")
+        if extra is not None and not isinstance(extra, dict):
+            raise HelperError("fhir.service_request: extra is a dict of more elements (note, subject...)")
+        numbers = self.order_numbers(orc, obr)
+        order_key = numbers["key"]
+        code = self.concept(obr, "OBR-4") if obr is not None else None
+        code_key = (obr["OBR-4.1"] or obr["OBR-4.2"]) if obr is not None else ""
+        if order_key and code_key:
+            srid = uuid5("ServiceRequest", order_key, code_key, obr["OBR-4.3"])
+        elif order_key:
+            srid = uuid5("ServiceRequest", order_key)
+        elif code:
+            srid = uuid5("ServiceRequest", patient_id, obr["OBR-4.1"] or obr["OBR-4.2"],
+                         obr["OBR-7.1"] or (orc["ORC-9.1"] if orc is not None else ""))
+        else:
+            return {"resources": [], "id": None, "ref": None, "order_numbers": numbers}
+        control = orc["ORC-1"].strip() if orc is not None else ""
+        order_status = orc["ORC-5.1"].strip() if orc is not None else ""
+        status = _ORDER_STATUS.get(order_status) or self.code(control, "v2-0119-order-control") or "unknown"
+        resources, requester, reasons, occurrence, priority = [], None, [], None, ""
+        if orc is not None:
+            made = self.practitioner(orc, "ORC-12")
+            resources += made["resources"]
+            requester = made["ref"]
+        if not requester and obr is not None:
+            made = self.practitioner(obr, "OBR-16")
+            resources += made["resources"]
+            requester = made["ref"]
+        if obr is not None:
+            rep, _ = _encoding_characters(obr)
+            for r in range(1, _count(obr, "OBR-31", rep) + 1):
+                reason = self.concept(obr, f"OBR-31[{r}]")
+                if reason:
+                    reasons.append(reason)
+            occurrence = self.datetime(obr, "OBR-6") or self.datetime(obr, "OBR-27.4")
+            priority = obr["OBR-27.6"] or obr["OBR-5"]
+        if orc is not None:
+            occurrence = occurrence or self.datetime(orc, "ORC-7.4")
+            priority = priority or orc["ORC-7.6"]
+        resources.append(dict({
+            "resourceType": "ServiceRequest",
+            "id": srid,
+            "identifier": [i for i in (numbers["placer"], numbers["filler"]) if i],
+            "requisition": self.ei(orc, "ORC-4", "PGN") if orc is not None else None,
+            "status": status,
+            "intent": "reflex-order" if obr is not None and obr["OBR-11"] == "G" else "order",
+            "priority": _PRIORITY.get(priority.strip().upper()),
+            "code": code,
+            "occurrenceDateTime": occurrence,
+            "authoredOn": self.datetime(orc, "ORC-9") if orc is not None and control == "NW" else None,
+            "requester": requester,
+            "reasonCode": reasons,
+        }, **(extra or {})))
+        return {"resources": resources, "id": srid, "ref": _ref("ServiceRequest", srid), "order_numbers": numbers}
+
+    def specimen(self, spm, patient_id=None, fallback_key="", subject=None) -> dict:
+        """SPM[Specimen]: ``resources`` [the Specimen], ``id`` and ``ref``. Id: SPM-2's filler number
+        (else its placer number) with its system; without either, patient + ``fallback_key`` +
+        SPM-1 (departure: the IG keys on SPM-2). ``subject``: a Reference (the patient)."""
+        spm = _segment(spm, "specimen")
+        if spm is None or spm.name != "SPM":
+            raise HelperError("fhir.specimen reads an SPM segment")
+        filler = self.ei(spm, "SPM-2.2", "FILL")
+        placer = self.ei(spm, "SPM-2.1", "PLAC")
+        k = filler or placer
+        spid = uuid5("Specimen", k["value"], k["system"]) if k else uuid5("Specimen", patient_id, fallback_key,
+                                                                            spm["SPM-1"])
+        collected_end = self.datetime(spm, "SPM-17.2")
+        description = spm["SPM-14"]
+        return {"id": spid, "ref": _ref("Specimen", spid), "resources": [{
+            "resourceType": "Specimen",
+            "id": spid,
+            "identifier": [i for i in (placer, filler, self.identifier(spm, "SPM-31")) if i],
+            "accessionIdentifier": self.identifier(spm, "SPM-30"),
+            "type": self.concept(spm, "SPM-4", _V2 + "0487"),
+            "subject": subject,
+            "receivedTime": self.datetime(spm, "SPM-18"),
+            "collection": {
+                "collectedDateTime": None if collected_end else self.datetime(spm, "SPM-17.1"),
+                "collectedPeriod": {"start": self.datetime(spm, "SPM-17.1"), "end": collected_end}
+                if collected_end else None,
+                "quantity": self.quantity(spm["SPM-12.1"], spm, "SPM-12.2"),
+                "method": self.concept(spm, "SPM-7", _V2 + "0488"),
+                "bodySite": self.concept(spm, "SPM-8"),
+            },
+            "container": [{"type": self.concept(spm, "SPM-27"),
+                           "additiveCodeableConcept": self.concept(spm, "SPM-6", _V2 + "0371")}],
+            "condition": [c for c in (self.concept(spm, "SPM-24", _V2 + "0493"),) if c],
+            "note": [{"text": description}] if description and description != NULL else [],
+        }]}

@@ -28,6 +28,10 @@ LINES = [
     "OBX|1|NM|GLU^Glucose^L||5.4~6.1|mmol/L^^UCUM|3.9-5.5|H|||F|||||55^LAB^LEO|||||||LABCO^^^^^GEN&2.999.1&ISO^^^^L1",
     "OBX|2|FT|TXT^Text^L||line one\\.br\\two~three||||||X",
     "OBX|3|ST|EMPTY^Nothing^L||||||||N",
+    "ORC|NW|P1^PL^2.999.5^ISO|F1^FL||CM||^^^^^S||20260101|||77^ORD^ANN",
+    "OBR|1|||GLU^Glucose^L|||20260102||||G" + "|" * 20 + "R1^Reason^L~R2^Other^L",  # OBR-31
+    "SPM|1|^SF1&FLAB&2.999.6&ISO||BLD^Blood^HL70487" + "|" * 10 + "desc",  # SPM-14
+    "SPM|2",
 ]
 MSG = hl7.parse(("\r".join(LINES) + "\r").encode())
 _mappings = Mappings(MAPPINGS)
@@ -106,6 +110,31 @@ def test_observation_text_repetitions_joined_and_no_value_not_asked():
     assert empty["dataAbsentReason"]["coding"][0]["code"] == "not-asked" and "valueString" not in empty
 
 
+def test_service_request_keyed_by_order_number_and_code_after_its_requester():
+    made = run("fhir.service_request(msg.segment('ORC'), msg.segment('OBR'), 'p1', {'note': [{'text': 'n'}]})")
+    assert [r["resourceType"] for r in made["resources"]] == ["Practitioner", "ServiceRequest"]
+    request = made["resources"][-1]
+    numbers = made["order_numbers"]
+    assert numbers["key"] == "P1|urn:oid:2.999.5" and numbers["filler"]["value"] == "F1"
+    assert request["id"] == made["id"] == fhir_id("ServiceRequest", numbers["key"], "GLU", "L")
+    assert made["ref"] == {"reference": "ServiceRequest/" + request["id"]}
+    assert (request["status"], request["intent"], request["priority"]) == ("completed", "reflex-order", "stat")
+    assert request["authoredOn"] == "2026-01-01" and request["note"] == [{"text": "n"}]
+    assert [r["coding"][0]["code"] for r in request["reasonCode"]] == ["R1", "R2"]
+
+
+def test_service_request_needs_an_order_number_or_a_code():
+    assert run("fhir.service_request(none, none, 'p1')")["resources"] == []
+
+
+def test_specimen_by_its_filler_number_else_the_patient_and_set_id():
+    made = run("fhir.specimen(msg.segments('SPM')[0], 'p1', 'k', {'reference': 'Patient/p1'})")
+    specimen = made["resources"][0]
+    assert specimen["id"] == made["id"] == fhir_id("Specimen", "SF1", "urn:oid:2.999.6")
+    assert specimen["subject"] == {"reference": "Patient/p1"} and specimen["note"] == [{"text": "desc"}]
+    assert run("fhir.specimen(msg.segments('SPM')[1], 'p1', 'k')")["id"] == fhir_id("Specimen", "p1", "k", "2")
+
+
 @pytest.mark.parametrize(("args", "system"), [
     ("'', '2.999.7', 'ISO'", "urn:oid:2.999.7"),
     ("'', 'urn:oid:2.999.7', 'iso'", "urn:oid:2.999.7"),
@@ -125,6 +154,8 @@ def test_hd_system_follows_the_cx4_rule(args, system):
     ("fhir.allergy(pid, 'p1')", "fhir.allergy reads an AL1 or IAM segment"),
     ("fhir.observation(pid, 'o1')", "fhir.observation reads an OBX segment"),
     ("fhir.observation(msg.segment('OBX'), 'o1', 'subject')", "fhir.observation: the context is a dict"),
+    ("fhir.service_request(msg.segment('ORC'), none, 'p1', 'x')", "fhir.service_request: extra is a dict"),
+    ("fhir.specimen(pid)", "fhir.specimen reads an SPM segment"),
 ])
 def test_a_wrong_argument_is_a_template_error_naming_the_helper(expression, reason):
     with pytest.raises(TemplateError, match=reason):
