@@ -59,6 +59,9 @@ _DATETIME_TYPES = ("DT", "DTM", "TS")
 _ORDER_STATUS = {"A": "active", "CA": "revoked", "CM": "completed", "DC": "revoked", "ER": "entered-in-error",
                  "HD": "on-hold", "IP": "active", "RP": "revoked", "SC": "active"}  # ORC-5, table 0038
 _PRIORITY = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "T": "urgent"}
+_PERFORMER_FUNCTION = "http://terminology.hl7.org/CodeSystem/v2-0443"
+_MVX = "http://hl7.org/fhir/sid/mvx"
+_HISTORICAL = ("01", "02", "03", "04", "05", "06", "07", "08")  # RXA-9 (NIP001): not from the source
 _INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _NOT_ASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-asked"}]}
 
@@ -914,3 +917,73 @@ class FHIRHelpers(FHIRNamespace):
             "condition": [c for c in (self.concept(spm, "SPM-24", _V2 + "0493"),) if c],
             "note": [{"text": description}] if description and description != NULL else [],
         }]}
+
+    # RXA, RXR
+
+    def immunization(self, rxa, rxr=None, orc=None, patient_id=None, extra=None) -> dict:
+        """RXA[Immunization] + RXR[Immunization] + ORC[Immunization]: ``resources`` (the RXA-10 and ORC-12
+        Practitioners, the RXA-17 manufacturer's Organization, the Immunization), ``id`` and ``ref``.
+        Id: patient + RXA-5 (code, else text, and its coding system) + RXA-3, so that a resent or
+        updated record is the same resource. status: entered-in-error when RXA-21 is D, else RXA-20
+        via v2-0322-completion-status, else completed (IG); statusReason RXA-18 when not-done.
+        primarySource from RXA-9 (NIP001): 00 true, 01-08 false with RXA-9 as reportOrigin.
+        recorded: RXA-22 when RXA-21 is A (IG), else ORC-9. doseQuantity: RXA-6 with RXA-7 units,
+        none for 999 (amount unknown). manufacturer: an Organization keyed by its MVX code
+        (RXA-17.1), else its name. performer: RXA-10 (function AP), ORC-12 (function OP; the IG
+        makes a PractitionerRole). identifier: the ORC's order numbers. ``extra``: more elements
+        (patient, encounter, fundingSource, programEligibility...), which win over these."""
+        rxa = _segment(rxa, "immunization")
+        rxr, orc = _segment(rxr, "immunization"), _segment(orc, "immunization")
+        if rxa is None or rxa.name != "RXA":
+            raise HelperError("fhir.immunization reads an RXA segment")
+        if extra is not None and not isinstance(extra, dict):
+            raise HelperError("fhir.immunization: extra is a dict of more elements (patient, encounter...)")
+        imid = uuid5("Immunization", patient_id, rxa["RXA-5.1"] or rxa["RXA-5.2"], rxa["RXA-5.3"], rxa["RXA-3.1"])
+        resources, performers, identifiers = [], [], []
+        for seg, f, code, display in ((rxa, "RXA-10", "AP", "Administering Provider"),
+                                      (orc, "ORC-12", "OP", "Ordering Provider")):
+            if seg is None:
+                continue
+            made = self.practitioners(seg, f)
+            resources += made["resources"]
+            for ref in made["refs"]:
+                performers.append({"actor": ref, "function": {"coding": [{"system": _PERFORMER_FUNCTION,
+                                                                          "code": code, "display": display}]}})
+        if orc is not None:
+            numbers = self.order_numbers(orc, None)
+            identifiers = [i for i in (numbers["placer"], numbers["filler"]) if i]
+        mvx, maker = rxa["RXA-17.1"].strip(), rxa["RXA-17.2"].strip()
+        manufacturer = None
+        if (mvx or maker) and mvx != NULL:
+            orgid = uuid5("Organization", _MVX, mvx) if mvx else uuid5("Organization", "name", maker)
+            resources.append({"resourceType": "Organization", "id": orgid, "name": maker or mvx,
+                              "identifier": [{"system": _MVX, "value": mvx}] if mvx else []})
+            manufacturer = {"reference": "Organization/" + orgid, "display": maker or None}
+        action = rxa["RXA-21"].strip().upper()
+        completion = rxa["RXA-20"].strip().upper()
+        status = "entered-in-error" if action == "D" else self.code(completion, "v2-0322-completion-status") or "completed"
+        source = rxa["RXA-9.1"].strip()
+        amount = rxa["RXA-6"].strip()
+        lot = rxa["RXA-15[1]"]
+        resources.append(dict({
+            "resourceType": "Immunization",
+            "id": imid,
+            "identifier": identifiers,
+            "status": status,
+            "statusReason": self.concept(rxa, "RXA-18") if status == "not-done" else None,
+            "vaccineCode": self.concept(rxa, "RXA-5") or {"text": "unknown"},
+            "occurrenceDateTime": self.datetime(rxa, "RXA-3") or self.datetime(rxa, "RXA-4"),
+            "recorded": ((self.datetime(rxa, "RXA-22") if action == "A" else None)
+                         or (self.datetime(orc, "ORC-9") if orc is not None else None)),
+            "primarySource": True if source == "00" else False if source in _HISTORICAL else None,
+            "reportOrigin": self.concept(rxa, "RXA-9") if source and source != "00" else None,
+            "manufacturer": manufacturer,
+            "lotNumber": lot if lot and lot != NULL else None,
+            "expirationDate": self.date(rxa, "RXA-16"),
+            "site": self.concept(rxr, "RXR-2", _V2 + "0163") if rxr is not None else None,
+            "route": self.concept(rxr, "RXR-1", _V2 + "0162") if rxr is not None else None,
+            "doseQuantity": self.quantity(amount, rxa, "RXA-7") if amount != "999" else None,
+            "performer": performers,
+            "reasonCode": self.concepts(rxa, "RXA-19"),
+        }, **(extra or {})))
+        return {"resources": resources, "id": imid, "ref": _ref("Immunization", imid)}

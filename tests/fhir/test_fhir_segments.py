@@ -32,6 +32,8 @@ LINES = [
     "OBR|1|||GLU^Glucose^L|||20260102||||G" + "|" * 20 + "R1^Reason^L~R2^Other^L",  # OBR-31
     "SPM|1|^SF1&FLAB&2.999.6&ISO||BLD^Blood^HL70487" + "|" * 10 + "desc",  # SPM-14
     "SPM|2",
+    "RXA|0|1|20260101||08^HepB^CVX|999|||01^Historical^NIP001|11^NURSE^NOR|||||LOT1||MSD^Merck^MVX|||CP|A",
+    "RXR|C28161^IM^NCIT|LA^Left arm^HL70163",
 ]
 MSG = hl7.parse(("\r".join(LINES) + "\r").encode())
 _mappings = Mappings(MAPPINGS)
@@ -135,6 +137,22 @@ def test_specimen_by_its_filler_number_else_the_patient_and_set_id():
     assert run("fhir.specimen(msg.segments('SPM')[1], 'p1', 'k')")["id"] == fhir_id("Specimen", "p1", "k", "2")
 
 
+def test_immunization_after_its_performers_and_manufacturer():
+    made = run("fhir.immunization(msg.segment('RXA'), msg.segment('RXR'), msg.segment('ORC'), 'p1', "
+               "{'patient': {'reference': 'Patient/p1'}})")
+    assert [r["resourceType"] for r in made["resources"]] == ["Practitioner", "Practitioner", "Organization",
+                                                             "Immunization"]
+    immunization = made["resources"][-1]
+    assert immunization["id"] == made["id"] == fhir_id("Immunization", "p1", "08", "CVX", "20260101")
+    assert made["ref"] == {"reference": "Immunization/" + made["id"]}
+    assert [p["function"]["coding"][0]["code"] for p in immunization["performer"]] == ["AP", "OP"]
+    assert immunization["primarySource"] is False and immunization["reportOrigin"]["coding"][0]["code"] == "01"
+    assert immunization["doseQuantity"] is None and immunization["lotNumber"] == "LOT1"
+    assert immunization["manufacturer"]["display"] == "Merck" and immunization["status"] == "completed"
+    assert immunization["patient"] == {"reference": "Patient/p1"}
+    assert immunization["identifier"][0]["value"] == "P1"
+
+
 @pytest.mark.parametrize(("args", "system"), [
     ("'', '2.999.7', 'ISO'", "urn:oid:2.999.7"),
     ("'', 'urn:oid:2.999.7', 'iso'", "urn:oid:2.999.7"),
@@ -156,6 +174,7 @@ def test_hd_system_follows_the_cx4_rule(args, system):
     ("fhir.observation(msg.segment('OBX'), 'o1', 'subject')", "fhir.observation: the context is a dict"),
     ("fhir.service_request(msg.segment('ORC'), none, 'p1', 'x')", "fhir.service_request: extra is a dict"),
     ("fhir.specimen(pid)", "fhir.specimen reads an SPM segment"),
+    ("fhir.immunization(pid)", "fhir.immunization reads an RXA segment"),
 ])
 def test_a_wrong_argument_is_a_template_error_naming_the_helper(expression, reason):
     with pytest.raises(TemplateError, match=reason):
