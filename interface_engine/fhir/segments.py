@@ -61,6 +61,11 @@ _ORDER_STATUS = {"A": "active", "CA": "revoked", "CM": "completed", "DC": "revok
 _PRIORITY = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "T": "urgent"}
 _PERFORMER_FUNCTION = "http://terminology.hl7.org/CodeSystem/v2-0443"
 _MVX = "http://hl7.org/fhir/sid/mvx"
+_PROCEDURE_PERFORMERS = (("PR1-8", "88189002", "Anesthesiologist"), ("PR1-11", "304292004", "Surgeon"),
+                         ("PR1-12", None, None))  # SNOMED CT functions
+_SUBSCRIBER_RELATIONSHIP = {"SEL": "self", "SPO": "spouse", "DOM": "common", "CHD": "child", "PAR": "parent",
+                            "FTH": "parent", "MTH": "parent", "OTH": "other", "EME": "injured"}  # IN1-17
+_COVERAGE_CLASS = "http://terminology.hl7.org/CodeSystem/coverage-class"
 _HISTORICAL = ("01", "02", "03", "04", "05", "06", "07", "08")  # RXA-9 (NIP001): not from the source
 _INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _NOT_ASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-asked"}]}
@@ -987,3 +992,123 @@ class FHIRHelpers(FHIRNamespace):
             "reasonCode": self.concepts(rxa, "RXA-19"),
         }, **(extra or {})))
         return {"resources": resources, "id": imid, "ref": _ref("Immunization", imid)}
+
+    # PR1, IN1
+
+    def procedure(self, pr1, patient_id=None, extra=None) -> dict:
+        """PR1[Procedure]: ``resources`` (the PR1-8, PR1-11 and PR1-12 Practitioners, the Procedure) and
+        ``ref``; [] and none without a PR1-3 code or PR1-4 text. Id: patient + PR1-3 code (else the
+        text) + its coding system + PR1-5 time. status unknown (the IG leaves it to the message:
+        a PR1 does not say whether it was done). performer: PR1-8 anesthesiologist, PR1-11 surgeon
+        (SNOMED CT functions), PR1-12 without function. ``extra``: more elements (subject,
+        encounter...), which win over these."""
+        pr1 = _segment(pr1, "procedure")
+        if pr1 is None or pr1.name != "PR1":
+            raise HelperError("fhir.procedure reads a PR1 segment")
+        if extra is not None and not isinstance(extra, dict):
+            raise HelperError("fhir.procedure: extra is a dict of more elements (subject, encounter...)")
+        code = self.concept(pr1, "PR1-3")
+        text = pr1["PR1-4"]
+        text = "" if text == NULL else text
+        key = pr1["PR1-3.1"] or text
+        if not key:
+            return {"resources": [], "ref": None}
+        prid = uuid5("Procedure", patient_id, key, pr1["PR1-3.3"], pr1["PR1-5.1"])
+        resources, performers = [], []
+        for f, function, display in _PROCEDURE_PERFORMERS:
+            made = self.practitioners(pr1, f)
+            resources += made["resources"]
+            for ref in made["refs"]:
+                performers.append({"actor": ref, "function": {"coding": [{
+                    "system": "http://snomed.info/sct", "code": function, "display": display}]} if function else None})
+        resources.append(dict({
+            "resourceType": "Procedure",
+            "id": prid,
+            "identifier": [i for i in (self.identifier(pr1, "PR1-19"),) if i],
+            "status": "unknown",
+            "code": dict(code or {}, text=(code or {}).get("text") or text or None),
+            "category": self.concept(pr1, "PR1-6"),
+            "performedDateTime": self.datetime(pr1, "PR1-5"),
+            "performer": performers,
+            "reasonCode": [c for c in (self.concept(pr1, "PR1-15"),) if c],
+        }, **(extra or {})))
+        return {"resources": resources, "ref": _ref("Procedure", prid)}
+
+    def coverage(self, in1, patient_id=None, patient_ref=None) -> dict:
+        """IN1[Coverage]: ``resources`` (the payor's Organization, the subscriber's RelatedPerson, the
+        Coverage) and ``ref``. Id: patient + IN1-2 plan + IN1-3 company id + IN1-36 policy. status
+        active (IN1 has none; FHIR requires one). payor: the Organization of IN1-3/IN1-4 (id
+        IN1-3, name IN1-4, address IN1-5, phone IN1-7); without either, a display. subscriber: the
+        Patient (``patient_ref``) when IN1-17 is SEL, else a RelatedPerson from IN1-16. subscriberId
+        IN1-49, else IN1-36 (R4 has a string; the IG's IN1-49 extension is R5). class: group IN1-8
+        (IN1-9 name) and plan IN1-2."""
+        in1 = _segment(in1, "coverage")
+        if in1 is None or in1.name != "IN1":
+            raise HelperError("fhir.coverage reads an IN1 segment")
+        plan = in1["IN1-2.1"]
+        company = self.identifier(in1, "IN1-3")
+        company_name = in1["IN1-4.1"]
+        company_name = "" if company_name == NULL else company_name
+        policy = in1["IN1-36"]
+        policy = "" if policy == NULL else policy
+        member = in1["IN1-49.1"]
+        member = "" if member == NULL else member
+        company_system, company_value = (company or {}).get("system"), (company or {}).get("value")
+        cvid = uuid5("Coverage", patient_id, in1["IN1-2.1"], in1["IN1-2.3"], company_system, company_value, policy)
+        resources = []
+        if company or company_name:
+            orgid = (uuid5("Organization", company_system, company_value) if company
+                     else uuid5("Organization", "name", company_name))
+            resources.append({"resourceType": "Organization", "id": orgid, "identifier": [company] if company else [],
+                              "name": company_name, "address": self.addresses(in1, "IN1-5"),
+                              "telecom": self.telecoms(in1, "IN1-7")})
+            payor = {"reference": "Organization/" + orgid, "display": company_name or None}
+        else:
+            payor = {"display": in1["IN1-2.2"] or plan or "unknown payor"}
+        relation = in1["IN1-17.1"].strip().upper()
+        relationship = _SUBSCRIBER_RELATIONSHIP.get(relation)
+        insured = self.names(in1, "IN1-16") or []
+        if relation == "SEL":
+            subscriber = patient_ref
+        elif insured:
+            rpid = uuid5("RelatedPerson", patient_id, "insured", in1["IN1-16"])
+            resources.append({
+                "resourceType": "RelatedPerson",
+                "id": rpid,
+                "patient": patient_ref,
+                "relationship": [c for c in (self.concept(in1, "IN1-17", _V2 + "0063"),) if c],
+                "name": insured,
+                "birthDate": self.date(in1, "IN1-18"),
+                "address": self.addresses(in1, "IN1-19"),
+                "gender": self.code(in1["IN1-43.1"], "v2-0001-gender"),
+            })
+            subscriber = {"reference": "RelatedPerson/" + rpid}
+        else:
+            subscriber = None
+        group, group_name = in1["IN1-8"], in1["IN1-9.1"]
+        plan_concept = self.concept(in1, "IN1-2")
+        classes = []
+        if group and group != NULL:
+            classes.append({"type": {"coding": [{"system": _COVERAGE_CLASS, "code": "group"}]},
+                            "value": group, "name": group_name or None})
+        if plan and plan != NULL:
+            classes.append({"type": {"coding": [{"system": _COVERAGE_CLASS, "code": "plan"}]},
+                            "value": plan, "name": (plan_concept or {}).get("text") or in1["IN1-2.2"] or None})
+        resources.append({
+            "resourceType": "Coverage",
+            "id": cvid,
+            "identifier": [{"value": policy, "type": {"coding": [{"system": V2_0203, "code": "SN"}]}}]
+            if policy else [],
+            "status": "active",
+            "type": self.concept(in1, "IN1-15", _V2 + "0086"),
+            "subscriber": subscriber,
+            "subscriberId": member or policy or None,
+            "beneficiary": patient_ref,
+            "relationship": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship",
+                                         "code": relationship}]}
+            if relationship else self.concept(in1, "IN1-17", _V2 + "0063"),
+            "period": {"start": self.datetime(in1, "IN1-12"), "end": self.datetime(in1, "IN1-13")},
+            "payor": [payor],
+            "class": classes,
+        })
+        return {"resources": resources, "ref": _ref("Coverage", cvid)}

@@ -34,6 +34,8 @@ LINES = [
     "SPM|2",
     "RXA|0|1|20260101||08^HepB^CVX|999|||01^Historical^NIP001|11^NURSE^NOR|||||LOT1||MSD^Merck^MVX|||CP|A",
     "RXR|C28161^IM^NCIT|LA^Left arm^HL70163",
+    "PR1|1||P1^Appendectomy^I10P|Appendectomy|20260101120000||||||22^CUT^BOB",
+    "IN1|1|GOLD^Gold Plan^L|CO1^^^PAY&2.999.9&ISO|Payer Inc||||||||||||SMITH^AL|SPO^Spouse^HL70063",
 ]
 MSG = hl7.parse(("\r".join(LINES) + "\r").encode())
 _mappings = Mappings(MAPPINGS)
@@ -153,6 +155,27 @@ def test_immunization_after_its_performers_and_manufacturer():
     assert immunization["identifier"][0]["value"] == "P1"
 
 
+def test_procedure_after_its_surgeon():
+    made = run("fhir.procedure(msg.segment('PR1'), 'p1', {'subject': {'reference': 'Patient/p1'}})")
+    assert [r["resourceType"] for r in made["resources"]] == ["Practitioner", "Procedure"]
+    procedure = made["resources"][-1]
+    assert procedure["id"] == fhir_id("Procedure", "p1", "P1", "I10P", "20260101120000")
+    assert made["ref"] == {"reference": "Procedure/" + procedure["id"]}
+    assert procedure["performer"][0]["function"]["coding"][0]["display"] == "Surgeon"
+    assert procedure["status"] == "unknown" and procedure["subject"] == {"reference": "Patient/p1"}
+
+
+def test_coverage_after_its_payor_and_subscriber():
+    made = run("fhir.coverage(msg.segment('IN1'), 'p1', {'reference': 'Patient/p1'})")
+    assert [r["resourceType"] for r in made["resources"]] == ["Organization", "RelatedPerson", "Coverage"]
+    coverage = made["resources"][-1]
+    assert coverage["id"] == fhir_id("Coverage", "p1", "GOLD", "L", "urn:oid:2.999.9", "CO1", "")
+    assert made["ref"] == {"reference": "Coverage/" + coverage["id"]}
+    assert coverage["relationship"]["coding"][0]["code"] == "spouse"
+    assert coverage["subscriber"] == {"reference": "RelatedPerson/" + made["resources"][1]["id"]}
+    assert coverage["beneficiary"] == {"reference": "Patient/p1"} and coverage["payor"][0]["display"] == "Payer Inc"
+
+
 @pytest.mark.parametrize(("args", "system"), [
     ("'', '2.999.7', 'ISO'", "urn:oid:2.999.7"),
     ("'', 'urn:oid:2.999.7', 'iso'", "urn:oid:2.999.7"),
@@ -175,6 +198,8 @@ def test_hd_system_follows_the_cx4_rule(args, system):
     ("fhir.service_request(msg.segment('ORC'), none, 'p1', 'x')", "fhir.service_request: extra is a dict"),
     ("fhir.specimen(pid)", "fhir.specimen reads an SPM segment"),
     ("fhir.immunization(pid)", "fhir.immunization reads an RXA segment"),
+    ("fhir.procedure(pid)", "fhir.procedure reads a PR1 segment"),
+    ("fhir.coverage(pid)", "fhir.coverage reads an IN1 segment"),
 ])
 def test_a_wrong_argument_is_a_template_error_naming_the_helper(expression, reason):
     with pytest.raises(TemplateError, match=reason):
