@@ -394,7 +394,8 @@ _RECORDED = (
     (FHIRNamespace, ("id", "identifiers", "identifier", "names", "addresses", "telecoms", "concept", "concepts",
                      "code", "coding", "datetime", "date", "instant", "quantity", "sn", "reference_range")),
     (FHIRHelpers, ("hd_system", "ei", "practitioner", "practitioners", "organization", "location", "patient_id",
-                   "patient", "next_of_kin", "encounter_id", "encounter", "allergy", "condition")),
+                   "patient", "next_of_kin", "encounter_id", "encounter", "allergy", "condition", "observation",
+                   "order_numbers", "service_request", "specimen", "immunization", "procedure", "coverage")),
     (TemplateMessage, ("__getitem__", "segment", "segments")),
     (TemplateSegment, ("__getitem__",)),
 )

@@ -120,6 +120,7 @@ import threading
 from contextvars import ContextVar
 from datetime import UTC, tzinfo
 from pathlib import Path
+from types import MethodType
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -354,6 +355,9 @@ class _Undefined(StrictUndefined):
 
 
 _MAX_VERDICTS = 4096
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+_MISSING = object()
+_OWN_HELPERS = frozenset({FHIRHelpers, TemplateMessage, TemplateSegment})
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -392,6 +396,12 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return verdict
 
     def getattr(self, obj, attribute):
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            # What Jinja does for a key that is no dict method (``made.resources``), without the
+            # AttributeError it raises and catches first; a missing key takes the usual path.
+            value = obj.get(attribute, _MISSING)
+            if value is not _MISSING and not isinstance(value, Undefined):
+                return value
         try:
             value = super().getattr(obj, attribute)
         except HelperError:  # a message view read the unknown attribute as a path
@@ -413,6 +423,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         raise _Forbidden(f"access to an unsafe item of a {type(obj).__name__} object is not allowed")
 
     def call(self, context, obj, /, *args, **kwargs):
+        if type(obj) is MethodType and type(obj.__self__) in _OWN_HELPERS:
+            # The engine's own helpers and message views: nothing for the sandbox to refuse and no
+            # context to pass, so called as Context.call would call them, without its checks.
+            kwargs.pop("_block_vars", None)
+            kwargs.pop("_loop_vars", None)
+            try:
+                return obj(*args, **kwargs)
+            except StopIteration:
+                return self.undefined("value was undefined because a callable raised a StopIteration exception")
         rv = super().call(context, obj, *args, **kwargs)
         # A macro's output was rendered here, its values already escaped.
         if self.fragment is not None and isinstance(obj, Macro):

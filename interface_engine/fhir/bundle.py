@@ -58,14 +58,27 @@ def _pruned(value, sort_keys: bool):
         for key in sorted(value) if sort_keys else value:
             if type(key) is not str:
                 raise NotJSON("an object key that is not text")
-            v = _pruned(value[key], sort_keys)
-            if v is not None:
-                kept[key] = v
+            v = value[key]
+            if type(v) is str:  # most values: kept or dropped here, without a call
+                if v:
+                    kept[key] = v
+            elif v is not None:
+                v = _pruned(v, sort_keys)
+                if v is not None:
+                    kept[key] = v
         return kept or None
     if kind is str:
         return value or None
     if kind is list or kind is tuple:
-        kept = [v for v in (_pruned(v, sort_keys) for v in value) if v is not None]
+        kept = []
+        for v in value:
+            if type(v) is str:
+                if v:
+                    kept.append(v)
+            elif v is not None:
+                v = _pruned(v, sort_keys)
+                if v is not None:
+                    kept.append(v)
         return kept or None
     if value is None:
         return None

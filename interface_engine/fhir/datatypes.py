@@ -287,11 +287,15 @@ class FHIRNamespace:
     (header, rows by code); ``zone()`` the time zone of the render under way.
     """
 
-    __slots__ = ("_tables", "_zone")
+    __slots__ = ("_tables", "_zone", "_found")
 
     def __init__(self, tables: Callable[[str], tuple], zone: Callable[[], tzinfo] | None = None):
         self._tables = tables
         self._zone = zone or (lambda: UTC)
+        # The tables found, by (name, column): a mapping reads its code tables some 70 times a
+        # message, and ``tables`` gives the same one every time (loaded once per Mappings); only
+        # tables that exist are kept, so there are never more than the mappings directory holds.
+        self._found: dict[tuple, tuple] = {}
 
     def __repr__(self) -> str:
         return "<fhir helpers>"
@@ -652,6 +656,9 @@ class FHIRNamespace:
     # reading
 
     def _table(self, fn: str, table, column: str) -> tuple:
+        found = self._found.get((table, column))
+        if found is not None:
+            return found
         try:
             header, rows = self._tables(table)
         except HelperError as e:
@@ -659,6 +666,7 @@ class FHIRNamespace:
         else:
             if column not in header:
                 raise HelperError(f"fhir.{fn}: code table {table!r} has no {column!r} column")
+            self._found[(table, column)] = header, rows
             return header, rows
         raise HelperError(f"fhir.{fn}: {reason}")
 

@@ -46,6 +46,29 @@ _VERIFICATION = {"C": "confirmed", "U": "unconfirmed", "P": "unconfirmed", "S": 
 _DIAGNOSIS_ROLE = {"A": "AD", "F": "DD", "W": None}
 _CONDITION_CATEGORY = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
                                     "code": "encounter-diagnosis"}]}]
+_ATTACHMENT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.{}valueAttachment"
+_MIME = {"pdf": "application/pdf", "rtf": "application/rtf", "html": "text/html", "jpeg": "image/jpeg",
+         "jpg": "image/jpeg", "png": "image/png", "tiff": "image/tiff", "gif": "image/gif", "xml": "application/xml",
+         "plain": "text/plain", "sgml": "text/sgml", "postscript": "application/postscript",
+         "octet-stream": "application/octet-stream", "dicom": "application/dicom"}
+_NOT_BASE64 = '<>()[]{}!?*&%$#@~^|":;,. -_'
+_FT_COMMANDS = ((".br", "\n"), (".sp", "\n"), (".fi", ""), (".nf", ""), (".ce", ""), ("H", ""), ("N", ""))
+_TEXT_TYPES = ("ST", "TX", "FT")
+_CODED_TYPES = ("CE", "CWE", "CNE", "CF", "IS", "ID", "CX")
+_DATETIME_TYPES = ("DT", "DTM", "TS")
+_ORDER_STATUS = {"A": "active", "CA": "revoked", "CM": "completed", "DC": "revoked", "ER": "entered-in-error",
+                 "HD": "on-hold", "IP": "active", "RP": "revoked", "SC": "active"}  # ORC-5, table 0038
+_PRIORITY = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "T": "urgent"}
+_PERFORMER_FUNCTION = "http://terminology.hl7.org/CodeSystem/v2-0443"
+_MVX = "http://hl7.org/fhir/sid/mvx"
+_PROCEDURE_PERFORMERS = (("PR1-8", "88189002", "Anesthesiologist"), ("PR1-11", "304292004", "Surgeon"),
+                         ("PR1-12", None, None))  # SNOMED CT functions
+_SUBSCRIBER_RELATIONSHIP = {"SEL": "self", "SPO": "spouse", "DOM": "common", "CHD": "child", "PAR": "parent",
+                            "FTH": "parent", "MTH": "parent", "OTH": "other", "EME": "injured"}  # IN1-17
+_COVERAGE_CLASS = "http://terminology.hl7.org/CodeSystem/coverage-class"
+_HISTORICAL = ("01", "02", "03", "04", "05", "06", "07", "08")  # RXA-9 (NIP001): not from the source
+_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+_NOT_ASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-asked"}]}
 
 
 def _int(value, default: int) -> int:
@@ -83,6 +106,26 @@ def _ref(kind: str, rid: str | None, display=None) -> dict | None:
     if not rid:
         return None
     return {"reference": f"{kind}/{rid}", "display": display} if display is not None else {"reference": f"{kind}/{rid}"}
+
+
+def _encoding_characters(seg: TemplateSegment) -> tuple[str, str]:
+    """The repetition separator and escape character as MSH-2 writes them ('' when it has none)."""
+    msh2 = seg._message["MSH-2"]
+    return msh2[1:2], msh2[2:3]
+
+
+def _count(seg: TemplateSegment, f: str, rep: str) -> int:
+    """How many repetitions field ``f`` has (0 when empty)."""
+    raw = seg[f]
+    return (raw.count(rep) + 1 if rep else 1) if raw else 0
+
+
+def _ft_text(text: str, esc: str) -> str:
+    """FT text with its formatting commands as plain text: \\.br\\ and \\.sp\\ line breaks, the others dropped."""
+    if esc and esc in text:
+        for command, replacement in _FT_COMMANDS:
+            text = text.replace(esc + command + esc, replacement)
+    return text
 
 
 def _repetitions(seg: TemplateSegment, f: str) -> list[str]:
@@ -609,3 +652,463 @@ class FHIRHelpers(FHIRNamespace):
             "use": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/diagnosis-role", "code": role}]}
             if role else None,
             "rank": rank if rank > 0 else None}}
+
+    # OBX
+
+    def observation(self, obx, obsid, ctx=None) -> dict:
+        """OBX[Observation] (with NTE[Observation] notes given): ``resources`` (the OBX-16 Practitioners,
+        the OBX-23 Organization, the Observation with id ``obsid``) and ``ref``.
+        ``ctx`` (a dict): subject, encounter, basedOn, partOf, specimen, focus (references),
+        effective (when OBX-14 is empty, e.g. OBR-7), status (when OBX-11 is empty or unmapped),
+        notes (Annotations), category. Status: OBX-11 (its code) via v2-0085, else ctx status,
+        else unknown. The value by OBX-2 (see ``_obx_value``); a repeating OBX-5 of a coded or
+        numeric type becomes one component per repetition (OBX[Observation-Component]),
+        repetitions of a text type are joined by line breaks. No value and OBX-11 N:
+        dataAbsentReason not-asked (IG). Interpretation: OBX-8 via v2-0078-interpretation,
+        else the v2-0078 code as is."""
+        obx = _segment(obx, "observation")
+        if obx is None or obx.name != "OBX":
+            raise HelperError("fhir.observation reads an OBX segment")
+        ctx = ctx or {}
+        if not isinstance(ctx, dict):
+            raise HelperError("fhir.observation: the context is a dict (subject, encounter, notes...)")
+        rep, esc = _encoding_characters(obx)
+        vtype = obx["OBX-2.1"].strip().upper()
+        reps = _count(obx, "OBX-5", rep)
+        code = self.concept(obx, "OBX-3") or {"text": obx["OBX-3"] or "unknown"}
+        components = []
+        if reps > 1 and vtype in _TEXT_TYPES:
+            lines = []
+            for r in range(1, reps + 1):
+                v = obx[f"OBX-5[{r}]"]
+                lines.append("" if v == NULL else v)
+            joined = "\n".join(lines)
+            value = {"valueString": _ft_text(joined, esc) if vtype == "FT" else joined}
+        elif reps > 1:
+            for r in range(1, reps + 1):
+                made = self._obx_value(obx, f"OBX-5[{r}]", vtype, esc, component=True)
+                if made:
+                    components.append(dict({"code": code}, **made))
+            value = {}
+        else:
+            value = self._obx_value(obx, "OBX-5", vtype, esc)
+        interpretation = []
+        for r in range(1, _count(obx, "OBX-8", rep) + 1):
+            flag = obx[f"OBX-8[{r}].1"].strip()
+            mapped = self.code(flag, "v2-0078-interpretation")
+            if mapped:
+                interpretation.append({"coding": [{"system": _INTERPRETATION, "code": mapped}]})
+            elif flag and flag != NULL:
+                interpretation.append({"coding": [{"system": _V2 + "0078", "code": flag}]})
+        made = self.practitioners(obx, "OBX-16")
+        resources, performers = made["resources"], made["refs"]
+        made = self.organization(obx, "OBX-23")
+        resources += made["resources"]
+        if made["ref"]:
+            performers.append(made["ref"])
+        result_status = obx["OBX-11.1"].strip().upper()
+        status = self.code(result_status, "v2-0085-observation-status") or ctx.get("status") or "unknown"
+        reference_range = self.reference_range(obx, "OBX-7", "OBX-6")
+        identifier = self.ei(obx, "OBX-21", "FILL") if obx["OBX-21"] else None
+        resources.append(dict({
+            "resourceType": "Observation",
+            "id": obsid,
+            "identifier": [identifier] if identifier else [],
+            "basedOn": ctx.get("basedOn") or [],
+            "partOf": ctx.get("partOf") or [],
+            "status": status,
+            "category": ctx.get("category") or [],
+            "code": code,
+            "subject": ctx.get("subject"),
+            "focus": ctx.get("focus") or [],
+            "encounter": ctx.get("encounter"),
+            "effectiveDateTime": self.datetime(obx, "OBX-14") or ctx.get("effective"),
+            "performer": performers,
+            "dataAbsentReason": _NOT_ASKED if not value and not components and result_status == "N" else None,
+            "interpretation": interpretation,
+            "note": ctx.get("notes") or [],
+            "bodySite": self.concept(obx, "OBX-20"),
+            "method": self.concept(obx, "OBX-17"),
+            "specimen": ctx.get("specimen"),
+            "referenceRange": [reference_range] if reference_range else [],
+            "component": components,
+        }, **value))
+        return {"resources": resources, "ref": _ref("Observation", obsid)}
+
+    def _obx_value(self, obx: TemplateSegment, f: str, vtype: str, esc: str, component: bool = False) -> dict:
+        """The value[x] of one OBX-5 repetition at ``f`` by the value type OBX-2 (OBX[Observation]):
+        NM valueQuantity with OBX-6 units (valueString if not a number); SN by SN.3 (``sn``:
+        valueRatio, valueRange, valueString, else valueQuantity); ST TX valueString; FT valueString
+        with its formatting commands as line breaks; CE CWE CNE CF IS ID CX valueCodeableConcept;
+        DT DTM TS valueDateTime; TM valueTime; NR valueRange; DR valuePeriod; ED with Base64 data
+        and RP: the IG's R5 cross-version extension valueAttachment (R4 Observation has none; for a
+        component extension-Observation.component.valueAttachment): ED's data with the MIME
+        type of ED.3 (table 0291), RP[Attachment]'s url RP.1 (escapes decoded, spaces as %20) with
+        the MIME type of RP.4 when it names one (the IG writes RP.3/RP.4, e.g. IM/MRXS, which is
+        no MIME type: left out); VR valueString low-high (IG); any other type valueString of its
+        components decoded and joined by spaces, never the encoded v2 text. {} when empty."""
+        raw = obx[f]
+        if raw == "" or raw == NULL:
+            return {}
+        if vtype == "NM":
+            q = self.quantity(raw, obx, "OBX-6")
+            return {"valueQuantity": q} if q else {"valueString": self.text(obx, f)}
+        if vtype == "SN":
+            sn = self.sn(obx, f, "OBX-6")
+            return {"value" + sn["kind"]: sn["value"]} if sn else {"valueString": self.text(obx, f)}
+        if vtype in ("ST", "TX"):
+            return {"valueString": str(raw)}
+        if vtype == "FT":
+            return {"valueString": _ft_text(str(raw), esc)}
+        if vtype in _CODED_TYPES:
+            return {"valueCodeableConcept": self.concept(obx, f)}
+        if vtype in _DATETIME_TYPES:
+            return {"valueDateTime": self.datetime(obx, f + ".1")}
+        if vtype == "TM":
+            return self._obx_time(obx, f)
+        if vtype == "NR":
+            low = self.quantity(obx[f + ".1"], obx, "OBX-6")
+            high = self.quantity(obx[f + ".2"], obx, "OBX-6")
+            return {"valueRange": {"low": low, "high": high}} if low or high else {"valueString": self.text(obx, f)}
+        url = _ATTACHMENT.format("component." if component else "")
+        if vtype == "ED":
+            data = obx[f + ".5"].strip()
+            if (len(data) % 4 != 0 or obx[f + ".4"].strip().lower() != "base64"
+                    or any(c in data for c in _NOT_BASE64) or not data):
+                return {}
+            mime = _MIME.get(obx[f + ".3"].strip().lower()) or "application/octet-stream"
+            return {"extension": [{"url": url, "valueAttachment": {"contentType": mime, "data": data}}]}
+        if vtype == "RP":
+            location = self.text(obx, f + ".1", "&")
+            if not location:
+                return {"valueString": self.text(obx, f)}
+            mime = _MIME.get((self.text(obx, f + ".4") or "").lower())
+            return {"extension": [{"url": url, "valueAttachment": {"contentType": mime,
+                                                                   "url": location.replace(" ", "%20")}}]}
+        if vtype == "DR":
+            return {"valuePeriod": {"start": self.datetime(obx, f + ".1.1"), "end": self.datetime(obx, f + ".2.1")}}
+        if vtype == "VR":
+            return {"valueString": self.text(obx, f, "-")}
+        return {"valueString": self.text(obx, f)}
+
+    def _obx_time(self, obx: TemplateSegment, f: str) -> dict:
+        """A TM value as valueTime (hh:mm:ss with its fraction; the offset dropped), else as valueString."""
+        t = obx[f + ".1"].strip().split("+")[0].split("-")[0]
+        hh, mm, ss = t[0:2], t[2:4] or "00", t[4:6] or "00"
+        frac = t[6:] if t[6:7] == "." and _int(t[7:], -1) >= 0 else ""
+        digits = hh + mm + ss
+        if (len(t) >= 2 and len(digits) == 6 and _int(digits, -1) >= 0 and _int(hh, 0) < 24 and _int(mm, 0) < 60
+                and _int(ss, 0) < 60):
+            return {"valueTime": f"{hh}:{mm}:{ss}{frac}"}
+        return {"valueString": self.text(obx, f)}
+
+    # ORC, OBR, SPM
+
+    def order_numbers(self, orc=None, obr=None) -> dict:
+        """An order's numbers: ``placer`` (ORC-2, else OBR-2) and ``filler`` (ORC-3, else OBR-3) as
+        Identifiers typed PLAC and FILL, and ``key``, its business key: the placer number, else
+        the filler one, as value|system ('' without either)."""
+        orc, obr = _segment(orc, "order_numbers"), _segment(obr, "order_numbers")
+        placer = self.ei(orc, "ORC-2", "PLAC") if orc is not None else None
+        if not placer and obr is not None:
+            placer = self.ei(obr, "OBR-2", "PLAC")
+        filler = self.ei(orc, "ORC-3", "FILL") if orc is not None else None
+        if not filler and obr is not None:
+            filler = self.ei(obr, "OBR-3", "FILL")
+        k = placer or filler
+        return {"placer": placer, "filler": filler, "key": f"{k['value']}|{k['system'] or ''}" if k else ""}
+
+    def service_request(self, orc, obr, patient_id=None, extra=None) -> dict:
+        """ORC[ServiceRequest] + OBR[ServiceRequest] (either may be none): ``resources`` (the requester's
+        Practitioner, ORC-12 else OBR-16, then the ServiceRequest), ``id`` and ``ref``, none and []
+        when there is neither an order number nor an OBR-4 code to key it; and the
+        ``order_numbers``. Id: the order key (placer number, else filler number, with its
+        system) and the OBR-4 code (code, else text, and its coding system): one ServiceRequest
+        per OBR, as the IG makes them, even when several OBRs share one order number; an ORC
+        without OBR (or an OBR without OBR-4) by the order key alone; without any order number,
+        patient + OBR-4 + OBR-7 (else ORC-9) (departure: the IG keys on the order numbers).
+        status: ORC-5 (table 0038), else ORC-1 via v2-0119-order-control, else unknown. intent:
+        order (reflex-order when OBR-11 is G). authoredOn: ORC-9 when ORC-1 is NW (IG).
+        occurrence: OBR-6, else OBR-27.4, else ORC-7.4; priority: OBR-27.6, else OBR-5, else
+        ORC-7.6. reasonCode: each OBR-31. ``extra``: more elements (subject, encounter, note,
+        supportingInfo, reasonReference, specimen, insurance...), which win over these."""
+        orc, obr = _segment(orc, "service_request"), _segment(obr, "service_request")
+        if extra is not None and not isinstance(extra, dict):
+            raise HelperError("fhir.service_request: extra is a dict of more elements (note, subject...)")
+        numbers = self.order_numbers(orc, obr)
+        order_key = numbers["key"]
+        code = self.concept(obr, "OBR-4") if obr is not None else None
+        code_key = (obr["OBR-4.1"] or obr["OBR-4.2"]) if obr is not None else ""
+        if order_key and code_key:
+            srid = uuid5("ServiceRequest", order_key, code_key, obr["OBR-4.3"])
+        elif order_key:
+            srid = uuid5("ServiceRequest", order_key)
+        elif code:
+            srid = uuid5("ServiceRequest", patient_id, obr["OBR-4.1"] or obr["OBR-4.2"],
+                         obr["OBR-7.1"] or (orc["ORC-9.1"] if orc is not None else ""))
+        else:
+            return {"resources": [], "id": None, "ref": None, "order_numbers": numbers}
+        control = orc["ORC-1"].strip() if orc is not None else ""
+        order_status = orc["ORC-5.1"].strip() if orc is not None else ""
+        status = _ORDER_STATUS.get(order_status) or self.code(control, "v2-0119-order-control") or "unknown"
+        resources, requester, reasons, occurrence, priority = [], None, [], None, ""
+        if orc is not None:
+            made = self.practitioner(orc, "ORC-12")
+            resources += made["resources"]
+            requester = made["ref"]
+        if not requester and obr is not None:
+            made = self.practitioner(obr, "OBR-16")
+            resources += made["resources"]
+            requester = made["ref"]
+        if obr is not None:
+            rep, _ = _encoding_characters(obr)
+            for r in range(1, _count(obr, "OBR-31", rep) + 1):
+                reason = self.concept(obr, f"OBR-31[{r}]")
+                if reason:
+                    reasons.append(reason)
+            occurrence = self.datetime(obr, "OBR-6") or self.datetime(obr, "OBR-27.4")
+            priority = obr["OBR-27.6"] or obr["OBR-5"]
+        if orc is not None:
+            occurrence = occurrence or self.datetime(orc, "ORC-7.4")
+            priority = priority or orc["ORC-7.6"]
+        resources.append(dict({
+            "resourceType": "ServiceRequest",
+            "id": srid,
+            "identifier": [i for i in (numbers["placer"], numbers["filler"]) if i],
+            "requisition": self.ei(orc, "ORC-4", "PGN") if orc is not None else None,
+            "status": status,
+            "intent": "reflex-order" if obr is not None and obr["OBR-11"] == "G" else "order",
+            "priority": _PRIORITY.get(priority.strip().upper()),
+            "code": code,
+            "occurrenceDateTime": occurrence,
+            "authoredOn": self.datetime(orc, "ORC-9") if orc is not None and control == "NW" else None,
+            "requester": requester,
+            "reasonCode": reasons,
+        }, **(extra or {})))
+        return {"resources": resources, "id": srid, "ref": _ref("ServiceRequest", srid), "order_numbers": numbers}
+
+    def specimen(self, spm, patient_id=None, fallback_key="", subject=None) -> dict:
+        """SPM[Specimen]: ``resources`` [the Specimen], ``id`` and ``ref``. Id: SPM-2's filler number
+        (else its placer number) with its system; without either, patient + ``fallback_key`` +
+        SPM-1 (departure: the IG keys on SPM-2). ``subject``: a Reference (the patient)."""
+        spm = _segment(spm, "specimen")
+        if spm is None or spm.name != "SPM":
+            raise HelperError("fhir.specimen reads an SPM segment")
+        filler = self.ei(spm, "SPM-2.2", "FILL")
+        placer = self.ei(spm, "SPM-2.1", "PLAC")
+        k = filler or placer
+        spid = uuid5("Specimen", k["value"], k["system"]) if k else uuid5("Specimen", patient_id, fallback_key,
+                                                                            spm["SPM-1"])
+        collected_end = self.datetime(spm, "SPM-17.2")
+        description = spm["SPM-14"]
+        return {"id": spid, "ref": _ref("Specimen", spid), "resources": [{
+            "resourceType": "Specimen",
+            "id": spid,
+            "identifier": [i for i in (placer, filler, self.identifier(spm, "SPM-31")) if i],
+            "accessionIdentifier": self.identifier(spm, "SPM-30"),
+            "type": self.concept(spm, "SPM-4", _V2 + "0487"),
+            "subject": subject,
+            "receivedTime": self.datetime(spm, "SPM-18"),
+            "collection": {
+                "collectedDateTime": None if collected_end else self.datetime(spm, "SPM-17.1"),
+                "collectedPeriod": {"start": self.datetime(spm, "SPM-17.1"), "end": collected_end}
+                if collected_end else None,
+                "quantity": self.quantity(spm["SPM-12.1"], spm, "SPM-12.2"),
+                "method": self.concept(spm, "SPM-7", _V2 + "0488"),
+                "bodySite": self.concept(spm, "SPM-8"),
+            },
+            "container": [{"type": self.concept(spm, "SPM-27"),
+                           "additiveCodeableConcept": self.concept(spm, "SPM-6", _V2 + "0371")}],
+            "condition": [c for c in (self.concept(spm, "SPM-24", _V2 + "0493"),) if c],
+            "note": [{"text": description}] if description and description != NULL else [],
+        }]}
+
+    # RXA, RXR
+
+    def immunization(self, rxa, rxr=None, orc=None, patient_id=None, extra=None) -> dict:
+        """RXA[Immunization] + RXR[Immunization] + ORC[Immunization]: ``resources`` (the RXA-10 and ORC-12
+        Practitioners, the RXA-17 manufacturer's Organization, the Immunization), ``id`` and ``ref``.
+        Id: patient + RXA-5 (code, else text, and its coding system) + RXA-3, so that a resent or
+        updated record is the same resource. status: entered-in-error when RXA-21 is D, else RXA-20
+        via v2-0322-completion-status, else completed (IG); statusReason RXA-18 when not-done.
+        primarySource from RXA-9 (NIP001): 00 true, 01-08 false with RXA-9 as reportOrigin.
+        recorded: RXA-22 when RXA-21 is A (IG), else ORC-9. doseQuantity: RXA-6 with RXA-7 units,
+        none for 999 (amount unknown). manufacturer: an Organization keyed by its MVX code
+        (RXA-17.1), else its name. performer: RXA-10 (function AP), ORC-12 (function OP; the IG
+        makes a PractitionerRole). identifier: the ORC's order numbers. ``extra``: more elements
+        (patient, encounter, fundingSource, programEligibility...), which win over these."""
+        rxa = _segment(rxa, "immunization")
+        rxr, orc = _segment(rxr, "immunization"), _segment(orc, "immunization")
+        if rxa is None or rxa.name != "RXA":
+            raise HelperError("fhir.immunization reads an RXA segment")
+        if extra is not None and not isinstance(extra, dict):
+            raise HelperError("fhir.immunization: extra is a dict of more elements (patient, encounter...)")
+        imid = uuid5("Immunization", patient_id, rxa["RXA-5.1"] or rxa["RXA-5.2"], rxa["RXA-5.3"], rxa["RXA-3.1"])
+        resources, performers, identifiers = [], [], []
+        for seg, f, code, display in ((rxa, "RXA-10", "AP", "Administering Provider"),
+                                      (orc, "ORC-12", "OP", "Ordering Provider")):
+            if seg is None:
+                continue
+            made = self.practitioners(seg, f)
+            resources += made["resources"]
+            for ref in made["refs"]:
+                performers.append({"actor": ref, "function": {"coding": [{"system": _PERFORMER_FUNCTION,
+                                                                          "code": code, "display": display}]}})
+        if orc is not None:
+            numbers = self.order_numbers(orc, None)
+            identifiers = [i for i in (numbers["placer"], numbers["filler"]) if i]
+        mvx, maker = rxa["RXA-17.1"].strip(), rxa["RXA-17.2"].strip()
+        manufacturer = None
+        if (mvx or maker) and mvx != NULL:
+            orgid = uuid5("Organization", _MVX, mvx) if mvx else uuid5("Organization", "name", maker)
+            resources.append({"resourceType": "Organization", "id": orgid, "name": maker or mvx,
+                              "identifier": [{"system": _MVX, "value": mvx}] if mvx else []})
+            manufacturer = {"reference": "Organization/" + orgid, "display": maker or None}
+        action = rxa["RXA-21"].strip().upper()
+        completion = rxa["RXA-20"].strip().upper()
+        status = "entered-in-error" if action == "D" else self.code(completion, "v2-0322-completion-status") or "completed"
+        source = rxa["RXA-9.1"].strip()
+        amount = rxa["RXA-6"].strip()
+        lot = rxa["RXA-15[1]"]
+        resources.append(dict({
+            "resourceType": "Immunization",
+            "id": imid,
+            "identifier": identifiers,
+            "status": status,
+            "statusReason": self.concept(rxa, "RXA-18") if status == "not-done" else None,
+            "vaccineCode": self.concept(rxa, "RXA-5") or {"text": "unknown"},
+            "occurrenceDateTime": self.datetime(rxa, "RXA-3") or self.datetime(rxa, "RXA-4"),
+            "recorded": ((self.datetime(rxa, "RXA-22") if action == "A" else None)
+                         or (self.datetime(orc, "ORC-9") if orc is not None else None)),
+            "primarySource": True if source == "00" else False if source in _HISTORICAL else None,
+            "reportOrigin": self.concept(rxa, "RXA-9") if source and source != "00" else None,
+            "manufacturer": manufacturer,
+            "lotNumber": lot if lot and lot != NULL else None,
+            "expirationDate": self.date(rxa, "RXA-16"),
+            "site": self.concept(rxr, "RXR-2", _V2 + "0163") if rxr is not None else None,
+            "route": self.concept(rxr, "RXR-1", _V2 + "0162") if rxr is not None else None,
+            "doseQuantity": self.quantity(amount, rxa, "RXA-7") if amount != "999" else None,
+            "performer": performers,
+            "reasonCode": self.concepts(rxa, "RXA-19"),
+        }, **(extra or {})))
+        return {"resources": resources, "id": imid, "ref": _ref("Immunization", imid)}
+
+    # PR1, IN1
+
+    def procedure(self, pr1, patient_id=None, extra=None) -> dict:
+        """PR1[Procedure]: ``resources`` (the PR1-8, PR1-11 and PR1-12 Practitioners, the Procedure) and
+        ``ref``; [] and none without a PR1-3 code or PR1-4 text. Id: patient + PR1-3 code (else the
+        text) + its coding system + PR1-5 time. status unknown (the IG leaves it to the message:
+        a PR1 does not say whether it was done). performer: PR1-8 anesthesiologist, PR1-11 surgeon
+        (SNOMED CT functions), PR1-12 without function. ``extra``: more elements (subject,
+        encounter...), which win over these."""
+        pr1 = _segment(pr1, "procedure")
+        if pr1 is None or pr1.name != "PR1":
+            raise HelperError("fhir.procedure reads a PR1 segment")
+        if extra is not None and not isinstance(extra, dict):
+            raise HelperError("fhir.procedure: extra is a dict of more elements (subject, encounter...)")
+        code = self.concept(pr1, "PR1-3")
+        text = pr1["PR1-4"]
+        text = "" if text == NULL else text
+        key = pr1["PR1-3.1"] or text
+        if not key:
+            return {"resources": [], "ref": None}
+        prid = uuid5("Procedure", patient_id, key, pr1["PR1-3.3"], pr1["PR1-5.1"])
+        resources, performers = [], []
+        for f, function, display in _PROCEDURE_PERFORMERS:
+            made = self.practitioners(pr1, f)
+            resources += made["resources"]
+            for ref in made["refs"]:
+                performers.append({"actor": ref, "function": {"coding": [{
+                    "system": "http://snomed.info/sct", "code": function, "display": display}]} if function else None})
+        resources.append(dict({
+            "resourceType": "Procedure",
+            "id": prid,
+            "identifier": [i for i in (self.identifier(pr1, "PR1-19"),) if i],
+            "status": "unknown",
+            "code": dict(code or {}, text=(code or {}).get("text") or text or None),
+            "category": self.concept(pr1, "PR1-6"),
+            "performedDateTime": self.datetime(pr1, "PR1-5"),
+            "performer": performers,
+            "reasonCode": [c for c in (self.concept(pr1, "PR1-15"),) if c],
+        }, **(extra or {})))
+        return {"resources": resources, "ref": _ref("Procedure", prid)}
+
+    def coverage(self, in1, patient_id=None, patient_ref=None) -> dict:
+        """IN1[Coverage]: ``resources`` (the payor's Organization, the subscriber's RelatedPerson, the
+        Coverage) and ``ref``. Id: patient + IN1-2 plan + IN1-3 company id + IN1-36 policy. status
+        active (IN1 has none; FHIR requires one). payor: the Organization of IN1-3/IN1-4 (id
+        IN1-3, name IN1-4, address IN1-5, phone IN1-7); without either, a display. subscriber: the
+        Patient (``patient_ref``) when IN1-17 is SEL, else a RelatedPerson from IN1-16. subscriberId
+        IN1-49, else IN1-36 (R4 has a string; the IG's IN1-49 extension is R5). class: group IN1-8
+        (IN1-9 name) and plan IN1-2."""
+        in1 = _segment(in1, "coverage")
+        if in1 is None or in1.name != "IN1":
+            raise HelperError("fhir.coverage reads an IN1 segment")
+        plan = in1["IN1-2.1"]
+        company = self.identifier(in1, "IN1-3")
+        company_name = in1["IN1-4.1"]
+        company_name = "" if company_name == NULL else company_name
+        policy = in1["IN1-36"]
+        policy = "" if policy == NULL else policy
+        member = in1["IN1-49.1"]
+        member = "" if member == NULL else member
+        company_system, company_value = (company or {}).get("system"), (company or {}).get("value")
+        cvid = uuid5("Coverage", patient_id, in1["IN1-2.1"], in1["IN1-2.3"], company_system, company_value, policy)
+        resources = []
+        if company or company_name:
+            orgid = (uuid5("Organization", company_system, company_value) if company
+                     else uuid5("Organization", "name", company_name))
+            resources.append({"resourceType": "Organization", "id": orgid, "identifier": [company] if company else [],
+                              "name": company_name, "address": self.addresses(in1, "IN1-5"),
+                              "telecom": self.telecoms(in1, "IN1-7")})
+            payor = {"reference": "Organization/" + orgid, "display": company_name or None}
+        else:
+            payor = {"display": in1["IN1-2.2"] or plan or "unknown payor"}
+        relation = in1["IN1-17.1"].strip().upper()
+        relationship = _SUBSCRIBER_RELATIONSHIP.get(relation)
+        insured = self.names(in1, "IN1-16") or []
+        if relation == "SEL":
+            subscriber = patient_ref
+        elif insured:
+            rpid = uuid5("RelatedPerson", patient_id, "insured", in1["IN1-16"])
+            resources.append({
+                "resourceType": "RelatedPerson",
+                "id": rpid,
+                "patient": patient_ref,
+                "relationship": [c for c in (self.concept(in1, "IN1-17", _V2 + "0063"),) if c],
+                "name": insured,
+                "birthDate": self.date(in1, "IN1-18"),
+                "address": self.addresses(in1, "IN1-19"),
+                "gender": self.code(in1["IN1-43.1"], "v2-0001-gender"),
+            })
+            subscriber = {"reference": "RelatedPerson/" + rpid}
+        else:
+            subscriber = None
+        group, group_name = in1["IN1-8"], in1["IN1-9.1"]
+        plan_concept = self.concept(in1, "IN1-2")
+        classes = []
+        if group and group != NULL:
+            classes.append({"type": {"coding": [{"system": _COVERAGE_CLASS, "code": "group"}]},
+                            "value": group, "name": group_name or None})
+        if plan and plan != NULL:
+            classes.append({"type": {"coding": [{"system": _COVERAGE_CLASS, "code": "plan"}]},
+                            "value": plan, "name": (plan_concept or {}).get("text") or in1["IN1-2.2"] or None})
+        resources.append({
+            "resourceType": "Coverage",
+            "id": cvid,
+            "identifier": [{"value": policy, "type": {"coding": [{"system": V2_0203, "code": "SN"}]}}]
+            if policy else [],
+            "status": "active",
+            "type": self.concept(in1, "IN1-15", _V2 + "0086"),
+            "subscriber": subscriber,
+            "subscriberId": member or policy or None,
+            "beneficiary": patient_ref,
+            "relationship": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship",
+                                         "code": relationship}]}
+            if relationship else self.concept(in1, "IN1-17", _V2 + "0063"),
+            "period": {"start": self.datetime(in1, "IN1-12"), "end": self.datetime(in1, "IN1-13")},
+            "payor": [payor],
+            "class": classes,
+        })
+        return {"resources": resources, "ref": _ref("Coverage", cvid)}

@@ -90,6 +90,7 @@ def _render(mappings: Mappings, expression: str, kind: str, msg, channel):
 @pytest.mark.parametrize("expression", [
     "''.__class__", "cycler.__init__.__globals__", "msg._message", "range(10**9) | list", "'x' * 10**8",
     "2 ** 100000", "msg | attr('_message')", "msg.segments().append(1)",
+    "fhir._values(msg, 'PID-3', 'x')", "msg.segment('PID')._read",
 ])
 def test_unsafe_access_is_a_sandbox_violation(mappings, expression):
     with pytest.raises(SandboxViolation):
@@ -131,6 +132,17 @@ def test_allowed_things_still_work(mappings):
         "{{ '{0}-{1}'.format(msg['PID-5.1'], msg['PID-5.2']) }} {{ msg.segments() | map(attribute='name') | join }}",
         msg)
     assert out == "X [0, 1, 2] abab 1024 3 DOE-JANE MSHPIDPV1"
+
+
+def test_dict_keys_and_methods_read_as_jinja_reads_them(mappings):
+    """A dict's key read as an attribute (made.resources), its methods, a missing key: Jinja's rules."""
+    msg = hl7.parse(ADT)
+    out = mappings.render_string("{% set d = {'a': 1, 'items': 2} %}{{ d.a }} {{ d['items'] }} "
+                                 "{{ d.items() | list | length }} {{ d.b is defined }}", msg)
+    assert out == "1 2 2 False"
+    with pytest.raises(TemplateError) as e:
+        mappings.render_string("{{ {'a': 1}.b + 1 }}", msg)
+    assert "dict object has no attribute 'b'" in str(e.value)
 
 
 def test_sandbox_messages_do_not_quote_item_keys(mappings):
