@@ -103,3 +103,49 @@ def test_a_replay_form_post_must_name_its_action(admin):
                             f"csrf={csrf}&destination=downstream&action=replay", session)
     assert status == 200 and 'id="queued">1<' in page
     setup.wait(lambda: setup.store.count_deliveries(state="sent") == 3, what="the replay sent")
+
+
+@pytest.fixture
+def dying_console(tmp_path, engine_factory):
+    """A console over a destination that gives up at once."""
+    from tests.test_channels_e2e import adt_channel
+
+    with Receiver(mode="AR") as downstream:
+        setup = Setup(tmp_path, engine_factory)
+        setup.channel("adt", adt_channel(downstream.port, on_failure="skip", attempts=1))
+        yield Admin(setup, downstream, channel=False)
+
+
+def test_an_operator_edits_a_dead_letter_in_the_console_and_resends_it(dying_console):
+    admin, setup, downstream = dying_console, dying_console.setup, dying_console.downstream
+    assert setup.send(adt_a01("DEAD1"))[0][0] == "AA"
+    setup.wait(lambda: setup.store.count_deliveries(state="dead") == 1, what="the dead letter")
+    _, _, viewer = log_in(admin, "viewer")
+    status, _, page = fetch(admin, "GET", "/ui/dead", headers={"Cookie": viewer})
+    assert status == 200 and "DEAD1" in page and "Resend" not in page and "DOE" not in page
+    assert fetch(admin, "GET", "/ui/dead/1", headers={"Cookie": viewer})[0] == 403
+    _, _, cookie = log_in(admin, "operator")
+    status, _, page = fetch(admin, "GET", "/ui/dead", headers={"Cookie": cookie})
+    dead_id = page.split('href="/ui/dead/', 1)[1].split('"', 1)[0]
+    status, _, page = fetch(admin, "GET", f"/ui/dead/{dead_id}", headers={"Cookie": cookie})
+    assert status == 200 and "DOE^JANE" in page and 'id="raw"' in page
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    original = setup.store.get_message(1)["raw"]
+    edited = original.decode().replace("DOE^JANE", "DOE^JANET").replace("\r", "\r\n")  # as a browser posts it
+    downstream.mode = "AA"
+    session = FORM | {"Cookie": cookie}
+    assert fetch(admin, "POST", f"/ui/dead/{dead_id}/resend", f"action=edited&raw={quote(edited)}",
+                 session)[0] == 403                                       # no CSRF token
+    status, _, page = fetch(admin, "POST", f"/ui/dead/{dead_id}/resend",
+                            f"csrf={csrf}&action=edited&raw={quote(edited)}", session)
+    assert status == 200 and 'id="was-edited">yes<' in page
+    downstream.wait_for(2)
+    assert b"DOE^JANET" in downstream.received[-1] and b"\r\n" not in downstream.received[-1]
+    assert setup.store.get_message(1)["raw"] == original
+    edits = audit_actions(setup.store, "message.edited")
+    assert len(edits) == 1 and edits[0]["actor"] == "user:u-operator"
+    status, _, page = fetch(admin, "POST", f"/ui/dead/{dead_id}/resend", f"csrf={csrf}&action=as-is", session)
+    assert status == 200 and 'id="was-edited">no<' in page
+    downstream.wait_for(3)
+    assert b"DOE^JANE^" in downstream.received[-1]
+    wait_for(lambda: len(audit_actions(setup.store, "delivery.resent")) == 2, "both resends audited")

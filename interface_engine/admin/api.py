@@ -320,16 +320,19 @@ class Api:
         return threads.deferToThread(work).addCallback(lambda rows: {"dead": rows})
 
     def resend(self, request, delivery_id):
+        return self.run_resend(request, delivery_id, json_body(request).get("raw"))
+
+    def run_resend(self, request, delivery_id, edited):
         """Send a dead letter again: as it was (a replay to its destination), or edited (`raw`), as a new message.
 
         The original message and delivery are kept untouched; the edit and the resend are audited.
+        The API's JSON and the console's form both come here.
         """
         from .. import hl7
         from ..channels.pipeline import prepare_again
         from ..store import ERROR, FILTERED, QUEUED, Incoming
 
         number = _whole(delivery_id, "delivery id")
-        edited = json_body(request).get("raw")
         if edited is not None and (not isinstance(edited, str) or not edited.startswith("MSH")):
             raise ApiError(400, "raw: expected the edited message as text, starting with MSH")
         engine, principal, peer = self.engine, request.principal, _peer(request)

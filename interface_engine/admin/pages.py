@@ -20,6 +20,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from twisted.internet import defer, threads
 
 from ..inspection import _age
+from ..store import control
 from ..store.schema import PENDING_STATES, deliveries
 from ..store.search import DELIVERY_STATES, MESSAGE_STATES
 from .server import ApiError, Raw, route
@@ -82,6 +83,9 @@ class Console:
             route("GET", "/ui/messages/{message_id}", None, self.message),
             route("POST", "/ui/messages/{message_id}/replay", "operator", self.replay, changes=True,
                   max_body=8192),
+            route("GET", "/ui/dead", None, self.dead),
+            route("GET", "/ui/dead/{delivery_id}", "operator", self.dead_letter),
+            route("POST", "/ui/dead/{delivery_id}/resend", "operator", self.resend, changes=True),
         ]
 
     # -- pages --------------------------------------------------------------------------
@@ -160,6 +164,43 @@ class Console:
                                 form.get("mapping", [CURRENT])[0], dry_run)
         d.addCallback(lambda result: self._page(request, "replayed.html", number=message_id, result=result,
                                                 dry_run=dry_run))
+        return d.addErrback(self._refused, request)
+
+    def dead(self, request):
+        """Dead letters, newest first; operators get a link to resend each."""
+        if request.principal is None:
+            return _to_login(request)
+        d = defer.maybeDeferred(self.api.dead, request)
+        d.addCallback(lambda found: self._page(request, "dead.html", rows=found["dead"],
+                                               resend=request.principal.may("operator")))
+        return d.addErrback(self._refused, request)
+
+    def dead_letter(self, request, delivery_id):
+        """One dead letter with its message in an editable box: resend as it was, or edited."""
+        store = self.api.engine.store
+
+        def look_up():
+            dead = control.delivery(store, int(delivery_id)) if delivery_id.isdigit() else None
+            if dead is None or dead["state"] != "dead":
+                raise ApiError(404, f"no dead delivery {delivery_id}")
+            return dead
+
+        def show(dead):
+            d = defer.maybeDeferred(self.api.message, request, str(dead["message_id"]), view="console")
+            return d.addCallback(lambda m: self._page(request, "dead_letter.html", dead=dead, m=m))
+        d = threads.deferToThread(look_up).addCallback(show)
+        return d.addErrback(self._refused, request)
+
+    def resend(self, request, delivery_id):
+        """The dead-letter form's POST: the API's resend, then its result."""
+        request.content.seek(0)
+        form = parse_qs(request.content.read().decode("utf-8", "replace"), keep_blank_values=True)
+        action = form.get("action", [""])[0]
+        if action not in ("as-is", "edited"):
+            return self._page(request, "error.html", 400, error="action: expected as-is or edited")
+        edited = form.get("raw", [""])[0] if action == "edited" else None
+        d = defer.maybeDeferred(self.api.run_resend, request, delivery_id, edited)
+        d.addCallback(lambda result: self._page(request, "resent.html", number=delivery_id, result=result))
         return d.addErrback(self._refused, request)
 
     # -- parts --------------------------------------------------------------------------
