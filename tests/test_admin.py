@@ -329,3 +329,29 @@ def test_every_route_admits_exactly_the_roles_at_or_above_its_own(admin):
     assert checked == 4 * len(guarded) >= 60
     wait_for(lambda: len(audit_actions(admin.setup.store, "access.denied")) == sum(rank(r.role) for r in guarded),
              "one audited denial per refused call")
+
+
+def test_the_admin_server_speaks_tls_when_configured_and_needs_it_off_loopback(tmp_path, engine_factory):
+    import ssl
+
+    from tests.pki import TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    server = ca.issue("localhost", server=True)
+    engine = engine_factory(extra=f'[admin]\nport = 0\n[admin.tls]\ncert = "{server.cert}"\nkey = "{server.key}"\n')
+    url = urlsplit(engine.admin_url)
+    assert url.scheme == "https"
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    conn = http.client.HTTPSConnection("127.0.0.1", url.port, timeout=10, context=context)
+    conn.request("GET", "/healthz")
+    answer = conn.getresponse()
+    assert answer.status == 200 and json.loads(answer.read()) == {"status": "alive"}
+    conn.close()
+    plain = http.client.HTTPConnection("127.0.0.1", url.port, timeout=10)
+    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+        plain.request("GET", "/healthz")
+        plain.getresponse()
+    config = tmp_path / "exposed.toml"
+    config.write_text('[admin]\nhost = "0.0.0.0"\n')
+    result = cli("channels", "validate", "--config", config)
+    assert result.returncode != 0 and "exposed.toml" in result.stderr and "admin.tls" in result.stderr
