@@ -165,3 +165,25 @@ def test_a_store_that_cannot_be_read_is_a_scrape_that_says_so(tmp_path):
 def test_the_store_counts_are_the_same_on_both_stores(busy):
     store, _, _ = busy
     assert_store_counts(Samples(Metrics(store).render()[0].decode()), store.status())
+
+
+def test_scrapes_during_a_load_run_follow_the_store_and_end_equal_to_it(harness, tmp_path):
+    import threading
+
+    n = 400
+    with Receiver() as downstream:
+        harness.channel("adt", adt_channel(downstream.port))
+        harness.start()
+        sent = threading.Thread(target=harness.send, args=[adt_a01(f"LOAD{i}") for i in range(n)])
+        sent.start()
+        seen = []
+        while sent.is_alive():
+            samples = harness.scrape()                       # while messages keep arriving
+            seen.append(sum(samples("interface_engine_messages", channel="adt", state=s) or 0
+                            for s in ("received", "queued", "sent")))
+        sent.join()
+        harness.wait(lambda: harness.store.count_deliveries(state="sent") == n, what="all delivered")
+        final = harness.scrape()
+    assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] <= n     # never ahead of the store
+    assert_store_counts(final, harness.store.status())
+    assert final("interface_engine_ack_latency_seconds_count", listener="test") == n
