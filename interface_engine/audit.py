@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .private_files import replace_private
 from .store.schema import DEAD, REJECTED, SENT, audit_events, audit_heads, deliveries, messages
 from .store.store import CONFLICT, DUPLICATE, utcnow
 
@@ -307,22 +308,7 @@ def write_checkpoint(path: str | os.PathLike, key: bytes, heads: dict[str, tuple
     text = json.dumps(body | {"signature": _signature(key, body)}, indent=2, sort_keys=True) + "\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    replace_private(path, text)
 
 
 def read_checkpoint(path: str | os.PathLike, key: bytes) -> dict[str, tuple[int, str]] | None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .private_files import replace_private
+
 #: Every purpose gets its own key, so that one can be rotated or leak without the others.
 PURPOSES = ("index", "audit")
 KEY_BYTES = 32
@@ -93,24 +95,6 @@ def _dump(document: dict, f):
     os.fsync(f.fileno())
 
 
-def _replace(path: Path, document: dict):
-    """Write the whole file anew beside it and rename it over: a crash leaves the old or the new file."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            _dump(document, f)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def _read(path: Path) -> dict:
     try:
         document = json.loads(path.read_text())
@@ -171,7 +155,7 @@ def add_data_key(path: str | os.PathLike) -> tuple[Keys, str]:
     document = _read(path)
     key_id = _new_data_key(document)
     document["version"] = VERSION
-    _replace(path, document)
+    replace_private(path, json.dumps(document, indent=2) + "\n")
     return load(path), key_id
 
 
@@ -187,7 +171,7 @@ def remove_data_key(path: str | os.PathLike, key_id: str) -> Keys:
                            "(`interface-engine keys rotate`)")
     document = _read(path)
     del document["data"]["keys"][key_id]
-    _replace(path, document)
+    replace_private(path, json.dumps(document, indent=2) + "\n")
     return load(path)
 
 

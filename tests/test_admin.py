@@ -15,6 +15,7 @@ from interface_engine import inspection
 
 from tests.messages import adt_a01
 from tests.receiver import Receiver
+from tests.test_audit_cli import wait_for
 from tests.test_channels_e2e import Setup, adt_channel
 from tests.test_cli import cli
 
@@ -78,15 +79,6 @@ def audit_actions(store, action):
     with store.engine.connect() as conn:
         return [r._asdict() for r in conn.execute(
             sa.text("SELECT * FROM audit_events WHERE action = :a ORDER BY id"), {"a": action})]
-
-
-def wait_for(condition, what, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
