@@ -182,13 +182,14 @@ class _Value:
     that are present have one sub-component.
     """
 
-    __slots__ = ("_parts", "_delimiters", "_encoding", "_sub")
+    __slots__ = ("_parts", "_delimiters", "_encoding", "_sub", "_esc")
 
     def __init__(self, parts: list[str], delimiters: Delimiters, encoding: str):
         self._parts = parts
         self._delimiters = delimiters
         self._encoding = encoding
         self._sub = delimiters.subcomponent_sep
+        self._esc = delimiters.escape_char
 
     def count(self, component: int | None = None) -> int:
         """How many components there are, or how many sub-components ``component`` has."""
@@ -212,7 +213,10 @@ class _Value:
             return ""
         if not raw or raw == '""':
             return ""
-        return self._delimiters.unescape(raw, self._encoding).strip()
+        esc = self._esc
+        if esc and esc in raw:  # most values have no escape: no call to decode them
+            raw = self._delimiters.unescape(raw, self._encoding)
+        return raw.strip()
 
 
 def _split(text: str, sep: str) -> list[str]:
@@ -699,7 +703,14 @@ class FHIRNamespace:
             p: Path = parse_path(path)
         except ValueError:
             raise HelperError(f"fhir.{fn}: {_BAD_PATH}") from None
-        if isinstance(src, TemplateMessage):
+        if isinstance(src, TemplateSegment):  # the segment maps' reads, most of them
+            segment, message = src._segment, src._message
+            if not segment.name:
+                return []
+            if (p.segment and p.segment != segment.name) or p.occurrence is not None:
+                raise HelperError(f"fhir.{fn}: a path read from a segment names no other segment "
+                                  "and no occurrence [n]")
+        elif isinstance(src, TemplateMessage):
             if not p.segment:
                 raise HelperError(f"fhir.{fn}: a path read from msg starts with a segment id, e.g. PID-5")
             message = src._message
@@ -708,13 +719,6 @@ class FHIRNamespace:
             else:
                 found = message.segments(p.segment)
                 segment = found[p.occurrence - 1] if p.occurrence <= len(found) else None
-        elif isinstance(src, TemplateSegment):
-            segment, message = src._segment, src._message
-            if not segment.name:
-                return []
-            if (p.segment and p.segment != segment.name) or p.occurrence is not None:
-                raise HelperError(f"fhir.{fn}: a path read from a segment names no other segment "
-                                  "and no occurrence [n]")
         elif src is None:
             return []
         else:
