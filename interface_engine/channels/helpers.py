@@ -94,13 +94,41 @@ class TemplateSegment:
         return Encoded(self._message.delimiters.escape_controls(self._segment.text))
 
     def __getitem__(self, path) -> str:
+        return self._read(self._own_path(path))
+
+    def _own_path(self, path) -> Path:
         p = _path(path)
-        name = self._segment.name
-        if p.segment and p.segment != name:
+        if p.segment and p.segment != self._segment.name:
             raise HelperError("the path names another segment than the one it is read from")
         if p.occurrence is not None:
             raise HelperError("a segment occurrence [n] has no meaning inside one segment")
-        return self._read(p)
+        return p
+
+    def _components(self, field):
+        """A reader of one composite: ``read(c, s=1)`` is ``self[f"{field}.{c}.{s}"]``.
+
+        For the segment maps, which take many components of one field (an XCN, a PL):
+        the field and its repetition are found and split once instead of once a component.
+        """
+        if _path(field).component is not None:  # field.c.s would not be a path
+            raise HelperError(_BAD_PATH)
+        p = self._own_path(field)
+        name = self._segment.name
+        if not name or name in _HEADER_IDS:
+            return lambda c, s=1: self[f"{field}.{c}.{s}"]
+        d: Delimiters = self._message.delimiters
+        if self._fields is None:
+            self._fields = self._segment.text.split(d.field_sep)
+        fields = self._fields
+        if p.field >= len(fields):
+            return lambda c, s=1: ""
+        rep = _nth(fields[p.field], d.repetition_sep, p.repetition or 1)
+        parts = rep.split(d.component_sep) if d.component_sep else [rep]
+        count, sub, unescape, encoding = len(parts), d.subcomponent_sep, d.unescape, self._message.encoding
+
+        def read(c: int, s: int = 1) -> str:
+            return unescape(_nth(parts[c - 1], sub, s), encoding) if c <= count else ""
+        return read
 
     def _read(self, p: Path) -> str:
         """The model's value rule, but a composite comes back Encoded."""

@@ -163,9 +163,14 @@ def provenance(resources: list[dict], source: dict) -> dict:
     }
 
 
+# No circular check: every object and list in a Bundle is a new one made by prune, which
+# fails on values nested too deeply, so none can hold itself (about a fifth of the encoding).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+
+
 def to_bytes(bundle: dict) -> bytes:
     try:
-        return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return _ENCODER.encode(bundle).encode("utf-8")
     except UnicodeEncodeError:
         pass
     raise NotJSON("text that is not valid Unicode")

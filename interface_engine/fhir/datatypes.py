@@ -164,6 +164,7 @@ _HL7_TABLE = re.compile(r"HL7(\d{4})", re.ASCII | re.IGNORECASE)
 _OID = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+", re.ASCII)
 _URI = re.compile(r"(?:https?|urn):\S+", re.ASCII | re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+_MAX_DEFAULTS = 256
 _MAX_NUMBER = 40  # characters; a longer "number" is not a measurement
 _COMPARATORS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
 _ORIGINAL_TEXT = "http://hl7.org/fhir/StructureDefinition/originalText"
@@ -175,36 +176,47 @@ _TRIPLETS = ((1, 2, 3, 7, 14), (4, 5, 6, 8, 17), (10, 11, 12, 13, 20))  # code, 
 
 
 class _Value:
-    """One datatype instance: components, each a list of encoded sub-components, decoded when read.
+    """One datatype instance: its components, encoded; split into sub-components and decoded when read.
 
-    Decoding on read, not up front: most components a helper asks for are absent.
+    Both on read, not up front: most components a helper asks for are absent, and most
+    that are present have one sub-component.
     """
 
-    __slots__ = ("_parts", "_delimiters", "_encoding")
+    __slots__ = ("_parts", "_delimiters", "_encoding", "_sub", "_esc")
 
-    def __init__(self, parts: list[list[str]], delimiters: Delimiters, encoding: str):
+    def __init__(self, parts: list[str], delimiters: Delimiters, encoding: str):
         self._parts = parts
         self._delimiters = delimiters
         self._encoding = encoding
+        self._sub = delimiters.subcomponent_sep
+        self._esc = delimiters.escape_char
 
     def count(self, component: int | None = None) -> int:
         """How many components there are, or how many sub-components ``component`` has."""
         if component is None:
             return len(self._parts)
-        return len(self._parts[component - 1]) if 0 < component <= len(self._parts) else 0
+        return len(_split(self._parts[component - 1], self._sub)) if 0 < component <= len(self._parts) else 0
 
     def get(self, component: int, sub: int = 1) -> str:
         """Decoded and trimmed; '' when missing or the v2 null ``""``."""
         parts = self._parts
         if component > len(parts):
             return ""
-        subs = parts[component - 1]
-        if sub > len(subs):
+        raw = parts[component - 1]
+        sep = self._sub
+        if sep and sep in raw:
+            subs = raw.split(sep)
+            if sub > len(subs):
+                return ""
+            raw = subs[sub - 1]
+        elif sub > 1:
             return ""
-        raw = subs[sub - 1]
         if not raw or raw == '""':
             return ""
-        return self._delimiters.unescape(raw, self._encoding).strip()
+        esc = self._esc
+        if esc and esc in raw:  # most values have no escape: no call to decode them
+            raw = self._delimiters.unescape(raw, self._encoding)
+        return raw.strip()
 
 
 def _split(text: str, sep: str) -> list[str]:
@@ -287,7 +299,7 @@ class FHIRNamespace:
     (header, rows by code); ``zone()`` the time zone of the render under way.
     """
 
-    __slots__ = ("_tables", "_zone", "_found")
+    __slots__ = ("_tables", "_zone", "_found", "_defaults")
 
     def __init__(self, tables: Callable[[str], tuple], zone: Callable[[], tzinfo] | None = None):
         self._tables = tables
@@ -296,6 +308,10 @@ class FHIRNamespace:
         # message, and ``tables`` gives the same one every time (loaded once per Mappings); only
         # tables that exist are kept, so there are never more than the mappings directory holds.
         self._found: dict[tuple, tuple] = {}
+        # The URIs of the system= names the mappings give concept(s) (a dozen calls a message, most
+        # for empty fields): the table lookup and patterns run once per name; the first
+        # _MAX_DEFAULTS names only, should a template take them from messages.
+        self._defaults: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return "<fhir helpers>"
@@ -444,6 +460,10 @@ class FHIRNamespace:
         return [c for c in (self._concept(v, default) for v in self._values(src, path, "concepts")) if c]
 
     def _default_system(self, fn: str, system) -> str | None:
+        if type(system) is str:
+            found = self._defaults.get(system)
+            if found is not None:
+                return found
         self._table(fn, "coding-systems", "system")  # a missing table is an error even for empty values
         if system is None:
             return None
@@ -451,6 +471,8 @@ class FHIRNamespace:
         if found is None:
             raise HelperError(f"fhir.{fn}: system= is a URI or a coding system name "
                               "that the coding-systems table or the HL7nnnn form gives a URI")
+        if type(system) is str and len(self._defaults) < _MAX_DEFAULTS:
+            self._defaults[system] = found
         return found
 
     def _concept(self, v: _Value, default: str | None) -> dict | None:
@@ -681,7 +703,14 @@ class FHIRNamespace:
             p: Path = parse_path(path)
         except ValueError:
             raise HelperError(f"fhir.{fn}: {_BAD_PATH}") from None
-        if isinstance(src, TemplateMessage):
+        if isinstance(src, TemplateSegment):  # the segment maps' reads, most of them
+            segment, message = src._segment, src._message
+            if not segment.name:
+                return []
+            if (p.segment and p.segment != segment.name) or p.occurrence is not None:
+                raise HelperError(f"fhir.{fn}: a path read from a segment names no other segment "
+                                  "and no occurrence [n]")
+        elif isinstance(src, TemplateMessage):
             if not p.segment:
                 raise HelperError(f"fhir.{fn}: a path read from msg starts with a segment id, e.g. PID-5")
             message = src._message
@@ -690,13 +719,6 @@ class FHIRNamespace:
             else:
                 found = message.segments(p.segment)
                 segment = found[p.occurrence - 1] if p.occurrence <= len(found) else None
-        elif isinstance(src, TemplateSegment):
-            segment, message = src._segment, src._message
-            if not segment.name:
-                return []
-            if (p.segment and p.segment != segment.name) or p.occurrence is not None:
-                raise HelperError(f"fhir.{fn}: a path read from a segment names no other segment "
-                                  "and no occurrence [n]")
         elif src is None:
             return []
         else:
@@ -716,12 +738,12 @@ class FHIRNamespace:
             if not rep or rep == '""':
                 continue
             if p.component is None:
-                parts = [_split(c, d.subcomponent_sep) for c in _split(rep, d.component_sep)]
-            else:
+                parts = _split(rep, d.component_sep)
+            else:  # the sub-components of one component are the value's components
                 component = _nth(rep, d.component_sep, p.component)
                 if p.subcomponent is None:
-                    parts = [[s] for s in _split(component, d.subcomponent_sep)]
+                    parts = _split(component, d.subcomponent_sep)
                 else:
-                    parts = [[_nth(component, d.subcomponent_sep, p.subcomponent)]]
+                    parts = [_nth(component, d.subcomponent_sep, p.subcomponent)]
             values.append(_Value(parts, d, encoding))
         return values

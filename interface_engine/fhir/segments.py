@@ -212,25 +212,26 @@ class FHIRHelpers(FHIRNamespace):
         f = _field_path(f, "practitioner")
         if seg is None:
             return {"resources": [], "ref": None}
-        idv = _text(seg[f + ".1.1"])
-        family = _trimmed(seg[f + ".2.1"])
-        given = _trimmed(seg[f + ".3.1"])
+        xcn = seg._components(f)
+        idv = _text(xcn(1))
+        family = _trimmed(xcn(2))
+        given = _trimmed(xcn(3))
         if not (idv or family or given):
             return {"resources": [], "ref": None}
-        middle = seg[f + ".4.1"].strip()
-        system = self.hd_system(seg[f + ".9.1"], seg[f + ".9.2"], seg[f + ".9.3"])
+        middle = xcn(4).strip()
+        system = self.hd_system(xcn(9), xcn(9, 2), xcn(9, 3))
         prid = uuid5("Practitioner", system, idv) if idv else uuid5("Practitioner", "name", family, given, middle)
         identifiers = []
         if idv:
-            id_type = seg[f + ".13.1"].strip()
+            id_type = xcn(13).strip()
             identifiers.append({"value": idv, "system": system,
                                 "type": {"coding": [{"system": V2_0203, "code": id_type}]}
                                 if id_type and id_type != NULL else None})
         names = []
         if family or given:
             names.append({"family": family, "given": [x for x in (given, middle) if x and x != NULL],
-                          "prefix": [x for x in (seg[f + ".6.1"].strip(),) if x and x != NULL],
-                          "suffix": [x for x in (seg[f + ".5.1"].strip(), seg[f + ".7.1"].strip())
+                          "prefix": [x for x in (xcn(6).strip(),) if x and x != NULL],
+                          "suffix": [x for x in (xcn(5).strip(), xcn(7).strip())
                                      if x and x != NULL]})
         return {"resources": [{"resourceType": "Practitioner", "id": prid, "identifier": identifiers,
                                "name": names}],
@@ -274,8 +275,9 @@ class FHIRHelpers(FHIRNamespace):
         f = _field_path(f, "location")
         if seg is None or not seg[f]:
             return {"resources": [], "ref": None}
-        poc, room, bed = seg[f + ".1.1"], seg[f + ".2.1"], seg[f + ".3.1"]
-        facility, building, floor = seg[f + ".4.1"], seg[f + ".7.1"], seg[f + ".8.1"]
+        pl = seg._components(f)
+        poc, room, bed = pl(1), pl(2), pl(3)
+        facility, building, floor = pl(4), pl(7), pl(8)
         parts = [p.strip() for p in (facility, building, floor, poc, room, bed) if p != NULL]
         named = [p for p in parts if p]
         if not named:

@@ -287,3 +287,23 @@ def test_uuid5_gives_the_ids_of_uuid_uuid5(parts):
 
     name = "|".join("" if p is None else str(p) for p in parts)
     assert uuid5(*parts) == str(uuid.uuid5(ENGINE_NAMESPACE, name))
+
+
+def test_a_composite_read_once_gives_each_component_as_its_path_read():
+    """The segment maps take an XCN's or a PL's components from one split; every value must be the
+    path read's (resource ids are made of them): repetitions, sub-components, escapes, the null."""
+    from interface_engine.channels.helpers import HelperError, TemplateMessage
+
+    msg = hl7.parse(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.5\r"
+                    b"PV1|1|I|W^1^2^H&1.2&ISO||||123^Sm\\T\\ith^J^^^Dr^^^NPI&2.16&ISO^^^^L~\"\"^Doe|||||x\r"
+                    b"MSH|^~\\&|A\r")
+    pv1 = TemplateMessage(msg).segment("PV1")
+    for field in ("PV1-3", "PV1-7", "PV1-7[1]", "PV1-7[2]", "PV1-7[3]", "3", "PV1-60"):
+        read = pv1._components(field)
+        for c in range(1, 16):
+            for s in (1, 2, 3, 4):
+                assert read(c, s) == pv1[f"{field}.{c}.{s}"], (field, c, s)
+    assert pv1._components("PV1-7")(2) == "Sm&ith"
+    for bad in ("PV1-7.1", "PID-7", "PV1[2]-7", "PV1-x"):
+        with pytest.raises(HelperError):
+            pv1._components(bad)

@@ -244,6 +244,22 @@ def test_concept_default_system(mappings):
         ev(mappings, "fhir.concept(msg, 'OBX-3', system='LOCAL')", msg)
 
 
+def test_concept_default_systems_are_kept_for_a_bounded_number_of_names(mappings):
+    """Each system= name is resolved once, but names a template takes from messages cannot fill memory."""
+    from interface_engine.fhir.datatypes import _MAX_DEFAULTS
+
+    msg = message("OBX|1|CWE|A")
+    for n in range(_MAX_DEFAULTS + 10):
+        assert ev(mappings, "fhir.concept(msg, 'OBX-3', system=s)", msg,
+                  variables={"s": f"urn:x:{n}"})["coding"][0]["system"] == f"urn:x:{n}"
+    fhir = mappings._envs["value"].globals["fhir"]
+    assert len(fhir._defaults) == _MAX_DEFAULTS
+    assert ev(mappings, "fhir.concept(msg, 'OBX-3', system=s)", msg,
+              variables={"s": f"urn:x:{_MAX_DEFAULTS + 5}"})["coding"][0]["system"] == f"urn:x:{_MAX_DEFAULTS + 5}"
+    with pytest.raises(TemplateError, match="system="):  # a bad name is never kept, and fails every time
+        ev(mappings, "fhir.concept(msg, 'OBX-3', system='LOCAL')", msg)
+
+
 def test_concepts_and_nested_cwe(mappings):
     msg = message(seg("OBX", {3: "X", 8: "H^High^HL70078~A^Abnormal^HL70078", 25: "^^^^^^^^^A&Ab&HL70078"}))
     assert [c["coding"][0]["code"] for c in ev(mappings, "fhir.concepts(msg, 'OBX-8')", msg)] == ["H", "A"]
