@@ -42,6 +42,16 @@ def sleep(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+@defer.inlineCallbacks
+def until(condition, timeout=10.0):
+    """Poll until `condition()` holds: the first claim's commit can take a while on a busy disk."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out waiting for the queues to be claimed")
+        yield sleep(0.02)
+
+
 class OwnershipTests(unittest.TestCase):
     def setUp(self):
         folder = tempfile.mkdtemp(prefix="ie-ownership-")
@@ -68,16 +78,14 @@ class OwnershipTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_queues_are_taken_at_start_and_their_workers_woken(self):
         self.ownership.start()
-        yield sleep(0.2)
-        self.assertTrue(all(self.ownership.holds(q) for q in QUEUES))
+        yield until(lambda: all(self.ownership.holds(q) for q in QUEUES))
         self.assertTrue(all(w.woken == 1 for w in self.runtime.workers.values()))
         self.assertEqual(self.owners(), {q: "a" for q in QUEUES})
 
     @defer.inlineCallbacks
     def test_delivery_stops_before_the_lease_ends_when_it_cannot_be_renewed(self):
         self.ownership.start()
-        yield sleep(0.2)
-        self.assertTrue(self.ownership.holds(QUEUES[0]))
+        yield until(lambda: self.ownership.holds(QUEUES[0]))
         with self.store.engine.begin() as conn:   # the store refuses every renewal from now on
             conn.execute(sa.text("DROP TABLE queue_leases"))
         # The last renewal that worked began at most a fifth of a lease ago: the queue is
@@ -90,7 +98,7 @@ class OwnershipTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_queue_over_the_share_is_released_once_its_worker_is_idle(self):
         self.ownership.start()
-        yield sleep(0.2)
+        yield until(lambda: all(self.ownership.holds(q) for q in QUEUES))
         leases = Leases(self.store)
         b = Node("b", "run", 2, "other", utcnow())
         claim = Claim(b, tuple(QUEUES), LEASE, 3 * LEASE, ("adt",))
@@ -109,7 +117,7 @@ class OwnershipTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_stop_releases_the_queues_and_the_node(self):
         self.ownership.start()
-        yield sleep(0.2)
+        yield until(lambda: all(self.ownership.holds(q) for q in QUEUES))
         yield self.ownership.stop()
         self.assertEqual(self.owners(), {q: None for q in QUEUES})
         with self.store.engine.connect() as conn:
