@@ -4,7 +4,6 @@ import pytest
 
 from interface_engine import hl7
 from interface_engine.mllp import MLLPClient
-from interface_engine.store import Store
 
 
 def expectations(corpus):

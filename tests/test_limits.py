@@ -12,7 +12,6 @@ import pytest
 from interface_engine import hl7
 from interface_engine.ingest import over_limits
 from interface_engine.mllp import MLLPClient
-from interface_engine.store import Store
 from tests.messages import adt_a01
 
 SEVEN_SEGMENTS = adt_a01("SEG-OK")  # MSH EVN PID NK1 PV1 AL1 DG1

@@ -8,7 +8,6 @@ import pytest
 
 from interface_engine import hl7
 from interface_engine.mllp import MLLPClient, MLLPError
-from interface_engine.store import Store
 from tests.messages import adt_a01
 
 FAST = {"frame_timeout": 1, "idle_timeout": 2, "max_frame": 4096,

@@ -8,7 +8,6 @@ import pytest
 
 from interface_engine import hl7
 from interface_engine.mllp import MLLPClient
-from interface_engine.store import Store
 from tests.fhir_server import request
 from tests.messages import adt_a01, oru_r01
 
