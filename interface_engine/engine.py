@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .mllp.listener import ListenerService, MLLPListenerFactory
 from .retention import RetentionService
 from .store import GroupCommitter, Store, control
+from .store.journal import SentJournal
 from .store.cipher import Cipher
 
 log = Logger()
@@ -104,7 +105,8 @@ class Engine(service.MultiService):
         self.committer.start()
         ownership = QueueOwnership(self.committer, self.reactor, config.node, config.queue_lease)
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets,
-                                      ownership=ownership, metrics=self.metrics)
+                                      ownership=ownership, metrics=self.metrics,
+                                      journal=SentJournal.for_store(config.store.url, config.node))
         self.runtime.paused = frozenset(control.paused(self.store))
         internet.TimerService(PAUSES_POLL, self._read_pauses).setServiceParent(self)
         if config.retention.schedule:

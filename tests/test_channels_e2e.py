@@ -328,6 +328,45 @@ def test_sigkill_during_delivery_loses_nothing_and_repeats_at_most_the_one_in_fl
     assert setup.store.count_messages(state="sent") == count
 
 
+def test_sends_in_the_sent_journal_are_recorded_at_start_and_not_sent_again(setup, tmp_path,
+                                                                            engine_factory):
+    """A crash between a confirmed send and its record leaves the send in the sent-journal only."""
+    import struct
+
+    downstream = Receiver()
+    downstream.start()
+    port = downstream.port
+    downstream.stop()   # down: the deliveries wait in their queue
+    setup.channel("adt", adt_channel(port))
+    extra = f'[channels]\ndirectory = "{setup.channels}"\nmappings = "{setup.mappings}"\n'
+    engine = engine_factory(extra=extra, engine={"node": "j1"})
+    setup.engine, store = engine, engine.open_store()
+    ids = [f"JRN{i}" for i in range(5)]
+    assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * 5
+    setup.wait(lambda: store.count_deliveries() == 5, what="deliveries queued")
+    engine.stop()
+    journaled = sorted(d["id"] for m in store.list_messages(limit=10) for d in store.deliveries_of(m["id"]))[:3]
+    # As a killed engine leaves it: three sends confirmed, the third in the older generation.
+    (tmp_path / "store.db-sent-j1.1").write_bytes(b"".join(struct.pack("<Q", i) for i in journaled[:2]))
+    (tmp_path / "store.db-sent-j1.0").write_bytes(struct.pack("<Q", journaled[2]) + b"\x07\x00")
+    with Receiver(port=port) as downstream:
+        engine.start()
+        assert downstream.wait_for(2, timeout=20)
+        setup.wait(lambda: store.count_messages(state="sent") == 5, what="all sent")
+        time.sleep(0.3)
+        assert downstream.control_ids() == ids[3:]
+    assert "recorded 3 deliveries confirmed downstream before the engine stopped" in engine.log()
+    for message in store.list_messages(limit=10):
+        (delivery,) = store.deliveries_of(message["id"])
+        assert delivery["state"] == "sent"
+        assert delivery["attempt_log"][-1]["outcome"] == "sent"
+    engine.stop()
+    # Once recorded, the journal starts empty.
+    assert (tmp_path / "store.db-sent-j1.0").stat().st_size == 0
+    assert (tmp_path / "store.db-sent-j1.1").stat().st_size == 0
+    assert oct((tmp_path / "store.db-sent-j1.0").stat().st_mode & 0o777) == "0o600"
+
+
 def test_a_message_left_received_by_a_crash_is_processed_at_start(setup, tmp_path):
     from interface_engine.store import RECEIVED, Incoming
 

@@ -27,6 +27,7 @@ from .. import hl7
 from ..destinations.base import Destination, Result
 from ..destinations.file import FileDestination
 from ..destinations.mllp import MLLPDestination
+from ..store.journal import SentJournal
 from ..store import (DEAD, ERROR, FILTERED, QUEUED, SENT, Attempt, Processed, QueuedDelivery,
                      utcnow)
 from ..config import ConfigError
@@ -83,8 +84,11 @@ def loggable(error: str | None) -> str:
 
 class ChannelRuntime:
     def __init__(self, channels: list[ChannelConfig], mappings: Mappings, committer, reactor,
-                 charsets: dict | None = None, *, ownership: QueueOwnership, metrics: Metrics | None = None):
+                 charsets: dict | None = None, *, ownership: QueueOwnership, metrics: Metrics | None = None,
+                 journal: SentJournal | None = None):
         self.committer = committer
+        #: where a non-idempotent destination notes a confirmed send before its record commits
+        self.journal = journal
         self.metrics = metrics or Metrics()
         #: which destination queues this engine may deliver for (leases shared with other engines)
         self.ownership = ownership
@@ -108,11 +112,31 @@ class ChannelRuntime:
     @defer.inlineCallbacks
     def start(self):
         self._pool.start()
+        if self.journal is not None:
+            yield self._record_journaled()
         self._running = True
         self.ownership.start()
         for worker in self.workers.values():
             worker.start()
         yield self._resume()
+
+    @defer.inlineCallbacks
+    def _record_journaled(self):
+        """Sends confirmed before a stop or crash whose records did not commit: recorded now, not sent again."""
+        ids = tuple(self.journal.entries())
+        if ids:
+            try:
+                missing = yield self.committer.submit(ids, self.store.record_journaled)
+            except Exception as error:
+                # The journal stays as it is for the next start; until then each record commits
+                # before the next send, and what the journal held may be sent once more.
+                log.error("could not record the deliveries in the sent-journal: {error}",
+                          error=str(error).splitlines()[0] if str(error) else type(error).__name__)
+                return
+            if missing:
+                log.info("recorded {count} deliveries confirmed downstream before the engine stopped",
+                         count=missing)
+        self.journal.open()
 
     def set_paused(self, paused: set[tuple[str, str]]):
         """Take up what is paused now: resumed queues are read at once, a resumed channel's waiting messages too."""
@@ -136,6 +160,8 @@ class ChannelRuntime:
         yield defer.DeferredList([w.stop() for w in self.workers.values()])
         yield self.ownership.stop()
         yield threads.deferToThread(self._pool.stop)
+        if self.journal is not None:
+            self.journal.close()
         for waiter in list(self._waiters.values()):
             waiter.finish(False, "engine stopping before the destinations confirmed")
 
@@ -386,10 +412,11 @@ class DestinationWorker:
     def _work(self, heads: list[QueuedDelivery]):
         """Deliver from the head of the queue; returns seconds to wait before reading it again.
 
-        Each attempt's record is committed before the next delivery starts, so a crash
-        can make a destination see again only the one message that was in flight. An
-        idempotent destination (see Destination.idempotent) goes on while records
-        commit: what a crash repeats there changes nothing.
+        A crash may make a destination see again only the one message that was in
+        flight: before the next delivery starts, the last one's success is either
+        committed or noted in the sent-journal (store/journal.py), which the next start
+        records. An idempotent destination (see Destination.idempotent) goes on while
+        records commit: what a crash repeats there changes nothing.
         """
         records = []
         try:
@@ -402,9 +429,12 @@ class DestinationWorker:
                     return (delivery.next_attempt_at - now).total_seconds()
                 attempt = yield self._attempt(delivery)
                 self._latency.observe(attempt.duration_ms / 1000)
+                noted = self._note_sent(attempt)
                 record = self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
                 records.append(record)
-                if attempt.new_state == ERROR or not self.destination.idempotent:
+                if noted is not None:
+                    record.addBoth(self._recorded, noted)
+                elif attempt.new_state == ERROR or not self.destination.idempotent:
                     yield record
                 self.runtime.attempted(delivery.message_id, self.config.name, attempt.ok, attempt.error)
                 if attempt.new_state == ERROR:
@@ -413,6 +443,18 @@ class DestinationWorker:
             # The next read of the queue must see every outcome of this one.
             yield defer.DeferredList(records, consumeErrors=True)
         return 0
+
+    def _note_sent(self, attempt: Attempt) -> int | None:
+        """Journal a confirmed send of a destination that is not idempotent, so the next may go
+        before this record commits; the journal's generation, or None when the record must come first."""
+        journal = self.runtime.journal
+        if journal is None or self.destination.idempotent or attempt.new_state != SENT:
+            return None
+        return journal.sent(attempt.delivery_id)
+
+    def _recorded(self, result, generation: int):
+        self.runtime.journal.recorded(generation)
+        return result
 
     @defer.inlineCallbacks
     def _attempt(self, delivery: QueuedDelivery):

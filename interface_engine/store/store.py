@@ -443,32 +443,53 @@ class Store:
         now = now or utcnow()
         conn = self._writer()
         with write_transaction(conn):
-            rows = []
-            for a, attempt_id in zip(batch, self.reserve_ids(conn, attempts, len(batch))):
-                response, key = self.seal(a.response, "attempts.response", attempt_id)
-                rows.append({"id": attempt_id, "delivery_id": a.delivery_id, "started_at": a.started_at,
-                             "duration_ms": a.duration_ms, "outcome": a.new_state if a.ok else ERROR,
-                             "error": a.error, "response": response, "response_key": key})
-            conn.execute(insert(attempts), rows)
-            keep, replace = [], []
-            for a in batch:
-                response, key = self.seal(a.response, "deliveries.response", a.delivery_id)
-                values = {"did": a.delivery_id, "new_state": a.new_state, "next_at": a.next_attempt_at,
-                          "last_error": a.error, "response": response, "response_key": key, "now": now}
-                if a.rerender or a.output is not None:
-                    output, key = self.seal(None if a.rerender else a.output, "deliveries.output",
-                                            a.delivery_id)
-                    replace.append(values | {"output": output, "output_key": key})
-                else:
-                    keep.append(values)
-            if keep:
-                conn.execute(_RECORD_ATTEMPT, keep)
-            if replace:
-                conn.execute(_RECORD_ATTEMPT_OUTPUT, replace)
-            self._settle(conn, sorted({a.message_id for a in batch}))
-            if self.audit:
-                self.audit.attempted(conn, batch, now)
+            self._record_attempts(conn, batch, now)
         return [None] * len(batch)
+
+    def record_journaled(self, batch: list[tuple[int, ...]], now: datetime | None = None) -> list[int]:
+        """Deliveries a sent-journal (store/journal.py) holds as confirmed: recorded sent, if still waiting.
+
+        Returns, per list of ids, how many were not recorded yet. Their attempt has no
+        duration and no response: the engine stopped before it could record them.
+        """
+        now = now or utcnow()
+        conn = self._writer()
+        with write_transaction(conn):
+            ids = sorted({i for group in batch for i in group})
+            waiting = {row.id: row.message_id for start in range(0, len(ids), 10_000)
+                       for row in conn.execute(_STILL_WAITING, {"ids": ids[start:start + 10_000]})}
+            found = [Attempt(delivery_id=i, message_id=waiting[i], started_at=now, duration_ms=0.0,
+                             ok=True, new_state=SENT) for i in ids if i in waiting]
+            if found:
+                self._record_attempts(conn, found, now)
+        return [sum(1 for i in set(group) if i in waiting) for group in batch]
+
+    def _record_attempts(self, conn, batch: list[Attempt], now: datetime):
+        rows = []
+        for a, attempt_id in zip(batch, self.reserve_ids(conn, attempts, len(batch))):
+            response, key = self.seal(a.response, "attempts.response", attempt_id)
+            rows.append({"id": attempt_id, "delivery_id": a.delivery_id, "started_at": a.started_at,
+                         "duration_ms": a.duration_ms, "outcome": a.new_state if a.ok else ERROR,
+                         "error": a.error, "response": response, "response_key": key})
+        conn.execute(insert(attempts), rows)
+        keep, replace = [], []
+        for a in batch:
+            response, key = self.seal(a.response, "deliveries.response", a.delivery_id)
+            values = {"did": a.delivery_id, "new_state": a.new_state, "next_at": a.next_attempt_at,
+                      "last_error": a.error, "response": response, "response_key": key, "now": now}
+            if a.rerender or a.output is not None:
+                output, key = self.seal(None if a.rerender else a.output, "deliveries.output",
+                                        a.delivery_id)
+                replace.append(values | {"output": output, "output_key": key})
+            else:
+                keep.append(values)
+        if keep:
+            conn.execute(_RECORD_ATTEMPT, keep)
+        if replace:
+            conn.execute(_RECORD_ATTEMPT_OUTPUT, replace)
+        self._settle(conn, sorted({a.message_id for a in batch}))
+        if self.audit:
+            self.audit.attempted(conn, batch, now)
 
     def _settle(self, conn, message_ids: list[int]):
         """A message's state follows its deliveries: dead > error > queued > sent > filtered."""
@@ -562,6 +583,9 @@ _STILL_RECEIVED = (select(messages.c.id)
                    .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)),
                           messages.c.state == RECEIVED)
                    .order_by(messages.c.id).with_for_update())
+_STILL_WAITING = (select(deliveries.c.id, deliveries.c.message_id)
+                  .where(deliveries.c.id.in_(sa.bindparam("ids", expanding=True)),
+                         deliveries.c.state.in_(PENDING_STATES)))
 _LEAVE_RECEIVED = (update(messages).where(messages.c.id == sa.bindparam("mid"))
                    .values(state=sa.bindparam("new_state"), filter_reason=sa.bindparam("reason")))
 _RECORD_ATTEMPT = (update(deliveries).where(deliveries.c.id == sa.bindparam("did"))
