@@ -112,6 +112,26 @@ def test_messages_are_filtered_transformed_and_delivered_in_order(setup, tmp_pat
     assert setup.store.count_deliveries(state="sent") == 40
 
 
+def test_a_file_in_the_way_holds_the_archive_queue_and_no_later_file_appears(setup, tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "ARC3.hl7").write_bytes(b"another system's file")
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port, archive=archive))
+        setup.start()
+        ids = [f"ARC{i}" for i in range(8)]
+        assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * 8
+        setup.wait(lambda: setup.store.count_deliveries(destination="archive", state="error") == 1,
+                   what="the archive blocked")
+        time.sleep(0.5)
+        assert sorted(os.listdir(archive)) == [f"ARC{i}.hl7" for i in range(4)]
+        (archive / "ARC3.hl7").unlink()
+        setup.wait(lambda: setup.store.count_deliveries(destination="archive", state="sent") == 8,
+                   timeout=30, what="the archive written")
+    assert sorted(os.listdir(archive)) == [f"{cid}.hl7" for cid in ids]
+    assert (archive / "ARC3.hl7").read_bytes() == adt_a01("ARC3")
+
+
 def test_downstream_down_queue_holds_source_keeps_acking_then_all_arrive_once_in_order(setup):
     downstream = Receiver()
     downstream.start()

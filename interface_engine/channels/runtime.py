@@ -419,30 +419,63 @@ class DestinationWorker:
         records commit: what a crash repeats there changes nothing.
         """
         records = []
+        queue = (self.channel.name, self.config.name)
+        position = 0
         try:
-            for delivery in heads:
-                queue = (self.channel.name, self.config.name)
+            while position < len(heads):
                 if not self._running or not self.runtime.ownership.holds(queue) or queue in self.runtime.paused:
                     break
                 now = utcnow()
+                delivery = heads[position]
                 if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
                     return (delivery.next_attempt_at - now).total_seconds()
-                attempt = yield self._attempt(delivery)
-                self._latency.observe(attempt.duration_ms / 1000)
-                noted = self._note_sent(attempt)
-                record = self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
-                records.append(record)
-                if noted is not None:
-                    record.addBoth(self._recorded, noted)
-                elif attempt.new_state == ERROR or not self.destination.idempotent:
-                    yield record
-                self.runtime.attempted(delivery.message_id, self.config.name, attempt.ok, attempt.error)
-                if attempt.new_state == ERROR:
-                    return max(0.0, (attempt.next_attempt_at - utcnow()).total_seconds())
+                run = self._run_from(heads, position, now)
+                if len(run) > 1:
+                    done = yield self._attempt_batch(run)
+                else:
+                    done = [(yield self._attempt(delivery))]
+                position += len(done)
+                for attempt in done:
+                    self._latency.observe(attempt.duration_ms / 1000)
+                    noted = self._note_sent(attempt)
+                    record = self.runtime.committer.submit(attempt, self.runtime.store.record_attempts)
+                    records.append(record)
+                    if noted is not None:
+                        record.addBoth(self._recorded, noted)
+                    elif attempt.new_state == ERROR or not self.destination.idempotent:
+                        yield record
+                    self.runtime.attempted(attempt.message_id, self.config.name, attempt.ok, attempt.error)
+                    if attempt.new_state == ERROR:
+                        return max(0.0, (attempt.next_attempt_at - utcnow()).total_seconds())
         finally:
             # The next read of the queue must see every outcome of this one.
             yield defer.DeferredList(records, consumeErrors=True)
         return 0
+
+    def _run_from(self, heads: list[QueuedDelivery], position: int, now) -> list[QueuedDelivery]:
+        """The deliveries from `position` that can go to the destination together: rendered and due."""
+        size = getattr(self.destination, "batch", 1)
+        run = heads[position:position + size]
+        for i, delivery in enumerate(run):
+            if delivery.output is None or (delivery.next_attempt_at is not None
+                                           and delivery.next_attempt_at > now):
+                return run[:max(i, 1)]
+        return run
+
+    @defer.inlineCallbacks
+    def _attempt_batch(self, run: list[QueuedDelivery]):
+        """Deliveries handed over together (see FileDestination.deliver_batch); one attempt each, up
+        to the first that failed. Each attempt's duration is the batch's."""
+        started_at, started = utcnow(), time.perf_counter()
+        results = yield self.destination.deliver_batch([(d.output, d.target) for d in run])
+        done = []
+        for delivery, result in zip(run, results):
+            if result.ok:
+                self.sent += 1
+                done.append(self._record(delivery, started_at, started, result, SENT))
+            else:
+                done.append(self._failed(delivery, started_at, started, result))
+        return done
 
     def _note_sent(self, attempt: Attempt) -> int | None:
         """Journal a confirmed send of a destination that is not idempotent, so the next may go

@@ -22,6 +22,8 @@ _PERMANENT = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
 
 class FileDestination(Destination):
     idempotent = True  # the same bytes again are "already present"; other bytes never overwrite
+    #: files handed over at once by the runtime (see deliver_batch)
+    batch = 64
 
     def __init__(self, name: str, *, reactor=None):
         if reactor is None:
@@ -30,44 +32,140 @@ class FileDestination(Destination):
         self._reactor = reactor
 
     def deliver(self, payload: bytes, target: str | None = None) -> defer.Deferred[Result]:
-        if not target:
-            return defer.succeed(Result(ok=False, error="no target file path", retry=False))
-        if "\0" in target:
-            return defer.succeed(Result(ok=False, error="target file path contains a NUL byte",
-                                        retry=False))
-        if not os.path.basename(target):
-            return defer.succeed(Result(ok=False, error="target file path names a directory",
-                                        retry=False))
-        d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
-                                      _write, payload, target)
-        return never_fails(d, self.name)
+        return self.deliver_batch([(payload, target)]).addCallback(lambda results: results[0])
+
+    def deliver_batch(self, items: list[tuple[bytes, str | None]]) -> defer.Deferred[list[Result]]:
+        """Write files in order, with one flush to disk for all of them.
+
+        Stops at the first that fails: the results are for the files up to and
+        including that one, and no file after it appears.
+        """
+        d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _write_all, items)
+        return never_fails(d, self.name).addCallback(
+            lambda results: results if isinstance(results, list) else [results])
 
 
-def _write(payload: bytes, target: str) -> Result:
+def _refused(target: str | None) -> Result | None:
+    if not target:
+        return Result(ok=False, error="no target file path", retry=False)
+    if "\0" in target:
+        return Result(ok=False, error="target file path contains a NUL byte", retry=False)
+    if not os.path.basename(target):
+        return Result(ok=False, error="target file path names a directory", retry=False)
+    return None
+
+
+class _Staged:
+    """A file written under a temp name, waiting to reach its target name."""
+
+    __slots__ = ("payload", "target", "directory", "temp", "fd")
+
+    def __init__(self, payload: bytes, target: str, directory: str, temp: str, fd: int):
+        self.payload, self.target, self.directory, self.temp, self.fd = payload, target, directory, temp, fd
+
+
+def _write_all(items: list[tuple[bytes, str | None]]) -> list[Result]:
+    results: list[Result | _Staged] = []
+    staged: list[_Staged] = []
+    try:
+        for payload, target in items:
+            outcome = _refused(target) or _compare(target, payload) or _stage(payload, target)
+            results.append(outcome)
+            if isinstance(outcome, _Staged):
+                staged.append(outcome)
+            elif not outcome.ok:
+                break
+        failed = _flush(staged)
+        if failed is not None:
+            return _up_to(results, staged[0], failed)
+        done = []
+        for file in staged:
+            try:
+                os.link(file.temp, file.target)
+            except FileExistsError:
+                # Another writer took the name since the check above.
+                present = _compare(file.target, file.payload) or _failed(file.directory, errno.EEXIST)
+                if not present.ok:
+                    return _up_to(results, file, present)
+            except OSError as e:
+                return _up_to(results, file, _failed(file.directory, e.errno, e.strerror))
+            done.append(file)
+        for directory in dict.fromkeys(file.directory for file in done):
+            try:
+                _fsync_dir(directory)
+            except OSError as e:
+                first = next(file for file in done if file.directory == directory)
+                return _up_to(results, first, _failed(directory, e.errno, e.strerror))
+        return [Result(ok=True) if isinstance(r, _Staged) else r for r in results]
+    finally:
+        for file in staged:
+            os.close(file.fd)
+            os.unlink(file.temp)
+
+
+def _up_to(results: list, file: _Staged, failure: Result) -> list[Result]:
+    """The results before `file`, then its failure: nothing after it counts as written."""
+    head = results[:results.index(file)]
+    return [Result(ok=True) if isinstance(r, _Staged) else r for r in head] + [failure]
+
+
+def _stage(payload: bytes, target: str) -> _Staged | Result:
     directory = os.path.dirname(target) or "."
-    present = _compare(target, payload)
-    if present is not None:
-        return present
     try:
         _makedirs(directory)
         # The name is cut so that the temp name stays within NAME_MAX when the target does.
         fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(target)[:200]}.", suffix=".tmp",
                                     dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(temp, target)
-        except FileExistsError:
-            # Another writer took the name since the check above.
-            return _compare(target, payload) or _failed(directory, errno.EEXIST)
-        finally:
-            os.unlink(temp)
-        _fsync_dir(directory)
     except OSError as e:
         return _failed(directory, e.errno, e.strerror)
-    return Result(ok=True)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        os.close(fd)
+        os.unlink(temp)
+        return _failed(directory, e.errno, e.strerror)
+    return _Staged(payload, target, directory, temp, fd)
+
+
+def _flush(staged: list[_Staged]) -> Result | None:
+    """Get the staged files' bytes to disk before any takes its name; a failure, or None.
+
+    One file is synced by itself; several are synced with one syncfs per filesystem
+    where Linux offers it, which costs about what one fsync does.
+    """
+    try:
+        if len(staged) > 1 and _syncfs is not None:
+            devices = {}
+            for file in staged:
+                devices.setdefault(os.fstat(file.fd).st_dev, file.fd)
+            for fd in devices.values():
+                _syncfs(fd)
+        else:
+            for file in staged:
+                os.fsync(file.fd)
+    except OSError as e:
+        return _failed(staged[0].directory, e.errno, e.strerror)
+    return None
+
+
+def _load_syncfs():
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+    def syncfs(fd: int):
+        if call(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    return syncfs
+
+
+_syncfs = _load_syncfs()
 
 
 def _compare(target: str, payload: bytes) -> Result | None:

@@ -93,3 +93,34 @@ class FileDestinationTests(unittest.TestCase):
         for target in (None, "", str(self.dir) + os.sep):
             result = await self.dest.deliver(adt_a01("MSG5"), target)
             self.assertEqual((result.ok, result.retry), (False, False))
+
+    async def test_a_batch_is_written_in_order_and_stops_at_the_first_failure(self):
+        items = [(adt_a01(f"B{i}"), str(self.dir / "b" / f"B{i}.hl7")) for i in range(6)]
+        (self.dir / "b").mkdir()
+        (self.dir / "b" / "B1.hl7").write_bytes(adt_a01("B1"))            # a replay's earlier file
+        (self.dir / "b" / "B3.hl7").write_bytes(adt_a01("B3", family="ROE"))  # someone else's
+        results = await self.dest.deliver_batch(items)
+        self.assertEqual(results, [Result(ok=True), Result(ok=True, response=b"already present"),
+                                   Result(ok=True), Result(ok=False, retry=False,
+                                                           error="B3.hl7 exists with different content")])
+        self.assertEqual(sorted(os.listdir(self.dir / "b")), ["B0.hl7", "B1.hl7", "B2.hl7", "B3.hl7"])
+        for i in (0, 2):
+            self.assertEqual((self.dir / "b" / f"B{i}.hl7").read_bytes(), adt_a01(f"B{i}"))
+        results = await self.dest.deliver_batch(items[4:])
+        self.assertEqual(results, [Result(ok=True), Result(ok=True)])
+
+    async def test_a_batch_whose_flush_fails_writes_no_file(self):
+        from interface_engine.destinations import file
+
+        if file._syncfs is None:
+            raise unittest.SkipTest("no syncfs on this system: batches are synced file by file")
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(file, "_syncfs", full)
+        items = [(adt_a01(f"F{i}"), str(self.dir / f"F{i}.hl7")) for i in range(3)]
+        results = await self.dest.deliver_batch(items)
+        self.assertEqual(results, [Result(ok=False, retry=True,
+                                          error=f"No space left on device (writing in {self.dir})")])
+        self.assertEqual(os.listdir(self.dir), [])
