@@ -47,6 +47,16 @@ class Encoded(str):
     __slots__ = ()
 
 
+class EncodedMessage(Encoded):
+    """A whole message's text from an hl7_* helper, with the message it was written from, so that
+    the next helper in a chain need not parse it again."""
+
+    def __new__(cls, message: hl7.Message):
+        text = super().__new__(cls, _message_text(message))
+        text._message = message
+        return text
+
+
 def _path(path) -> Path:
     try:
         return parse_path(path)
@@ -63,8 +73,8 @@ def _nth(value: str, sep: str, n: int) -> str:
 
 def _message_text(message: hl7.Message) -> Encoded:
     """The whole message as Encoded text: segments joined and ended by CR."""
-    d = message.delimiters
-    return Encoded("\r".join(d.escape_controls(s.text) for s in message.segments()) + "\r")
+    escape = message.delimiters.escape_controls
+    return Encoded("\r".join(escape(text) for _, text in message.lines()) + "\r")
 
 
 class TemplateSegment:
@@ -229,6 +239,8 @@ def _as_message(value, helper: str) -> hl7.Message:
     """The message behind ``msg`` or behind Encoded message text from another hl7_* helper."""
     if isinstance(value, TemplateMessage):
         return value._message
+    if isinstance(value, EncodedMessage):
+        return value._message
     if isinstance(value, Encoded):
         try:
             return hl7.parse(str(value))
@@ -242,15 +254,17 @@ def hl7_set(message, path, value) -> Encoded:
     if isinstance(value, Encoded):
         raise HelperError("hl7_set writes one leaf value; give a decoded value "
                           "(e.g. PID-5.1), not a composite, segment or message")
-    _path(path)  # the model's message would quote a malformed path, which may be content
-    copy = hl7.parse(_message_text(_as_message(message, "hl7_set")))
+    p = _path(path)  # the model's message would quote a malformed path, which may be content
+    copy = _as_message(message, "hl7_set").copy()
     try:
         copy.set(path, "" if value is None else str(value))
     except ValueError as e:  # the model's reasons name paths and segment ids, never values
         raise HelperError(f"hl7_set: {e}") from None
     except KeyError as e:
         raise HelperError(f"hl7_set: {e.args[0]}") from None
-    return _message_text(copy)
+    if p.segment == "MSH" and p.field == 18:
+        return _message_text(copy)   # a new charset: the next helper reads the text anew
+    return EncodedMessage(copy)
 
 
 def hl7_drop(message, *patterns) -> Encoded:
@@ -264,13 +278,13 @@ def hl7_drop(message, *patterns) -> Encoded:
     d = m.delimiters
     kept = []
     dropping = False
-    for seg in m.segments():
-        if seg.name:
-            dropping = any(fnmatchcase(seg.name, p) for p in patterns)
-            if dropping and seg.name == "MSH":
+    for name, text in m.lines():
+        if name:
+            dropping = any(fnmatchcase(name, p) for p in patterns)
+            if dropping and name == "MSH":
                 raise HelperError("hl7_drop: MSH cannot be dropped")
         if not dropping:
-            kept.append(d.escape_controls(seg.text))
+            kept.append(d.escape_controls(text))
     return Encoded("\r".join(kept) + "\r")
 
 

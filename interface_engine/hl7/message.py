@@ -218,6 +218,26 @@ class Message:
         return [self._segment_at(i, line[:3] if (len(line) == 3 or line[3:4] == fs) and _is_id(line[:3]) else "")
                 for i, line in enumerate(self._lines)]
 
+    def lines(self) -> list[tuple[str, str]]:
+        """(segment id, or '' for a line that is not a segment; its text) of every line, in order.
+
+        What ``segments()`` gives, without making a Segment of each line.
+        """
+        fs = self.delimiters.field_sep
+        return [(line[:3] if (len(line) == 3 or line[3:4] == fs) and _is_id(line[:3]) else "",
+                 line if seg is None else seg.text)
+                for line, seg in zip(self._lines, self._segments, strict=True)]
+
+    def copy(self) -> Message:
+        """A message with this one's text (values written included) and header, without parsing again."""
+        copy = Message.__new__(Message)
+        copy.header, copy.encoding, copy.delimiters = self.header, self.encoding, self.delimiters
+        copy._lines = [line if seg is None else seg.text
+                       for line, seg in zip(self._lines, self._segments, strict=True)]
+        copy._segments = [None] * len(copy._lines)
+        copy._index = {}
+        return copy
+
     def to_text(self) -> str:
         """Segments joined with CR, with a final CR."""
         segs = self._segments

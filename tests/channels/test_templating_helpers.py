@@ -8,7 +8,7 @@ import pytest
 from lxml import etree
 
 from interface_engine import hl7
-from interface_engine.channels.helpers import ENGINE_NAMESPACE
+from interface_engine.channels.helpers import ENGINE_NAMESPACE, Encoded
 from interface_engine.channels.templating import Mappings, TemplateError
 
 LINES = [
@@ -209,6 +209,28 @@ def test_hl7_set_escapes_and_creates_fields(mappings, msg):
     assert hl7.parse(render(mappings, "{{ msg | hl7_set('OBX[2]-5', none) }}", msg))["OBX[2]-5"] == ""
 
 
+def test_a_chain_of_hl7_helpers_reads_as_if_each_step_were_parsed_anew(mappings):
+    """The chain hands the message it wrote to the next helper instead of its text; that must not
+    show: raw control characters in a line, written values and a new charset read the same."""
+    raw = RAW.replace(b"a comment", b"a\x0bcomment\x1c").replace(b"P|2.5.1", b"P|2.5.1||||||UNICODE UTF-8")
+    message = hl7.parse(raw)
+    steps = ("hl7_set('MSH-5', 'LAB') | hl7_set('PID-5.2', 'JO|ANN') | hl7_set('MSH-18', '8859/1')"
+             " | hl7_set('OBX[2]-5', 'caf\\xe9') | hl7_drop('ZP?')")
+    chained = render(mappings, "{{ msg | " + steps + " }}", message)
+    first, *rest = steps.split(" | ")
+    anew = render(mappings, "{{ msg | " + first + " }}", message)
+    for step in rest:   # each helper given the text alone, as a template variable: parsed again
+        anew = render(mappings, "{{ text | " + step + " }}", message, variables={"text": Encoded(anew + "\r")})
+    assert chained == anew
+    assert "\\X0B\\comment\\X1C\\" in chained and "JO\\F\\ANN" in chained
+    # A new charset reaches the next helper: \XE9\ is é in ISO 8859-1, not a character in UTF-8.
+    latin = hl7.parse(RAW.replace(b"a comment", b"caf\\XE9\\"))
+    xml = render(mappings, "{{ msg | hl7_set('MSH-18', '8859/1') | hl7_xml }}", latin)
+    assert xml == render(mappings, "{{ text | hl7_xml }}", latin, variables={"text": Encoded(
+        render(mappings, "{{ msg | hl7_set('MSH-18', '8859/1') }}", latin) + "\r")})
+    assert "café" in xml
+
+
 def test_hl7_drop_patterns(mappings, msg):
     for patterns, kept in [(["NTE"], "MSH PID ZPI OBR OBX ZPX OBX"), (["Z*", "NTE"], "MSH PID OBR OBX OBX"),
                            (["OB?"], "MSH PID ZPI NTE ZPX"), ([], "MSH PID ZPI OBR OBX NTE ZPX OBX")]:
@@ -283,7 +305,7 @@ def test_hl7_xml_refuses_what_xml_cannot_carry(mappings, msg):
 def test_uuid5_gives_the_ids_of_uuid_uuid5(parts):
     import uuid
 
-    from interface_engine.channels.helpers import ENGINE_NAMESPACE, uuid5
+    from interface_engine.channels.helpers import ENGINE_NAMESPACE, Encoded, uuid5
 
     name = "|".join("" if p is None else str(p) for p in parts)
     assert uuid5(*parts) == str(uuid.uuid5(ENGINE_NAMESPACE, name))

@@ -303,3 +303,17 @@ def test_parse_never_raises_when_peek_accepts_msh_plus_anything(tail):
 def test_parse_never_raises_on_text_peek_accepts(tail):
     text = "MSH|^~\\&|A||||||ADT^A01|C1|" + tail
     _exercise(parse(text))
+
+
+def test_a_copy_carries_written_values_and_is_written_apart():
+    from tests.messages import adt_a01
+
+    original = parse(adt_a01("CPY1"))
+    original.set("PID-5.1", "ROE")
+    copy = original.copy()
+    copy.set("MSH-5", "ELSEWHERE")
+    assert copy["PID-5.1"] == "ROE" and copy["MSH-5"] == "ELSEWHERE"
+    assert original["MSH-5"] != "ELSEWHERE"
+    assert copy.to_text() == original.to_text().replace(f"|{original['MSH-5']}|", "|ELSEWHERE|", 1)
+    assert [name for name, _ in copy.lines()] == [s.name for s in original.segments()]
+    assert [text for _, text in original.lines()] == [s.text for s in original.segments()]
