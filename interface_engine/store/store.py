@@ -195,6 +195,7 @@ class Store:
         dialect = self.engine.dialect
         self._datetime = messages.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
         self._write_conn: sa.Connection | None = None
+        self._plans: dict = {}   # see _execute_many
         if audit is not None:
             audit.bind(self.engine)
 
@@ -343,6 +344,34 @@ class Store:
             tuple(stamp(row[c]) if c == "received_at" else row[c] for c in self._columns)
             for row in rows])
 
+    def _execute_many(self, conn, statement, rows: list[dict]):
+        """One statement over many rows; on SQLite straight through the driver.
+
+        SQLAlchemy's per-row parameter handling costs more than SQLite's work on
+        these small rows, so the statement is compiled once per set of keys and
+        the rows are handed over as tuples, bound as SQLAlchemy would bind them.
+        """
+        if not self._sqlite:
+            conn.execute(statement, rows)
+            return
+        keys = tuple(rows[0])
+        plan = self._plans.get((statement, keys))
+        if plan is None:
+            dialect = self.engine.dialect
+            compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+            binds = []
+            for name in compiled.positiontup:
+                bind = compiled.binds[name]   # a name not in the rows is a literal, e.g. the 1 of attempts + 1
+                processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+                binds.append((name, name in keys, bind.value, processor))
+            plan = self._plans[(statement, keys)] = (compiled.string, binds)
+        sql, binds = plan
+        conn.exec_driver_sql(sql, [
+            tuple(value if processor is None else processor(value)
+                  for name, given, default, processor in binds
+                  for value in ((row[name] if given else default),))
+            for row in rows])
+
     # -- sealed contents ----------------------------------------------------------
 
     def reserve_ids(self, conn, table: sa.Table, count: int) -> list[int]:
@@ -406,7 +435,7 @@ class Store:
             done = [p.message_id in waiting for p in batch]
             moving = [p for p, ok in zip(batch, done) if ok]
             if moving:
-                conn.execute(_LEAVE_RECEIVED, [
+                self._execute_many(conn, _LEAVE_RECEIVED, [
                     {"mid": p.message_id, "new_state": FILTERED if p.filter_reason else QUEUED,
                      "reason": p.filter_reason} for p in moving])
             rows = [{"message_id": p.message_id, "channel": p.channel, "destination": d.destination,
@@ -419,7 +448,7 @@ class Store:
                 row["output"], row["output_key"] = self.seal(row["output"], "deliveries.output",
                                                              delivery_id)
             if rows:
-                conn.execute(insert(deliveries), rows)
+                self._execute_many(conn, _INSERT_DELIVERIES, rows)
             self._settle(conn, [p.message_id for p in moving if not p.filter_reason])
             if self.audit and moving:
                 self.audit.processed(conn, moving, now)
@@ -471,7 +500,7 @@ class Store:
             rows.append({"id": attempt_id, "delivery_id": a.delivery_id, "started_at": a.started_at,
                          "duration_ms": a.duration_ms, "outcome": a.new_state if a.ok else ERROR,
                          "error": a.error, "response": response, "response_key": key})
-        conn.execute(insert(attempts), rows)
+        self._execute_many(conn, _INSERT_ATTEMPTS, rows)
         keep, replace = [], []
         for a in batch:
             response, key = self.seal(a.response, "deliveries.response", a.delivery_id)
@@ -484,9 +513,9 @@ class Store:
             else:
                 keep.append(values)
         if keep:
-            conn.execute(_RECORD_ATTEMPT, keep)
+            self._execute_many(conn, _RECORD_ATTEMPT, keep)
         if replace:
-            conn.execute(_RECORD_ATTEMPT_OUTPUT, replace)
+            self._execute_many(conn, _RECORD_ATTEMPT_OUTPUT, replace)
         self._settle(conn, sorted({a.message_id for a in batch}))
         if self.audit:
             self.audit.attempted(conn, batch, now)
@@ -494,7 +523,7 @@ class Store:
     def _settle(self, conn, message_ids: list[int]):
         """A message's state follows its deliveries: dead > error > queued > sent > filtered."""
         if message_ids:
-            conn.execute(_SETTLE, [{"mid": mid} for mid in message_ids])
+            self._execute_many(conn, _SETTLE, [{"mid": mid} for mid in message_ids])
 
     def deliveries_of(self, message_id: int) -> list[dict]:
         with self._connect() as conn:
@@ -583,6 +612,8 @@ _STILL_RECEIVED = (select(messages.c.id)
                    .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)),
                           messages.c.state == RECEIVED)
                    .order_by(messages.c.id).with_for_update())
+_INSERT_DELIVERIES = insert(deliveries)
+_INSERT_ATTEMPTS = insert(attempts)
 _STILL_WAITING = (select(deliveries.c.id, deliveries.c.message_id)
                   .where(deliveries.c.id.in_(sa.bindparam("ids", expanding=True)),
                          deliveries.c.state.in_(PENDING_STATES)))
