@@ -9,8 +9,8 @@ taken. A replay after a crash finds its own earlier file and counts as done.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
-import tempfile
 
 from twisted.internet import defer, threads
 
@@ -58,18 +58,21 @@ def _refused(target: str | None) -> Result | None:
 class _Staged:
     """A file written under a temp name, waiting to reach its target name."""
 
-    __slots__ = ("payload", "target", "directory", "temp", "fd")
+    __slots__ = ("payload", "target", "directory", "temp", "fd", "outcome")
 
     def __init__(self, payload: bytes, target: str, directory: str, temp: str, fd: int):
         self.payload, self.target, self.directory, self.temp, self.fd = payload, target, directory, temp, fd
+        self.outcome = Result(ok=True)   # once it has its name
 
 
 def _write_all(items: list[tuple[bytes, str | None]]) -> list[Result]:
     results: list[Result | _Staged] = []
     staged: list[_Staged] = []
+    present: set[str] = set()   # directories seen to exist in this batch
     try:
         for payload, target in items:
-            outcome = _refused(target) or _compare(target, payload) or _stage(payload, target)
+            # A file already at the target (a replay's) is found when its name cannot be taken.
+            outcome = _refused(target) or _stage(payload, target, present)
             results.append(outcome)
             if isinstance(outcome, _Staged):
                 staged.append(outcome)
@@ -83,10 +86,10 @@ def _write_all(items: list[tuple[bytes, str | None]]) -> list[Result]:
             try:
                 os.link(file.temp, file.target)
             except FileExistsError:
-                # Another writer took the name since the check above.
-                present = _compare(file.target, file.payload) or _failed(file.directory, errno.EEXIST)
-                if not present.ok:
-                    return _up_to(results, file, present)
+                there = _compare(file.target, file.payload) or _failed(file.directory, errno.EEXIST)
+                if not there.ok:
+                    return _up_to(results, file, there)
+                file.outcome = there
             except OSError as e:
                 return _up_to(results, file, _failed(file.directory, e.errno, e.strerror))
             done.append(file)
@@ -96,7 +99,7 @@ def _write_all(items: list[tuple[bytes, str | None]]) -> list[Result]:
             except OSError as e:
                 first = next(file for file in done if file.directory == directory)
                 return _up_to(results, first, _failed(directory, e.errno, e.strerror))
-        return [Result(ok=True) if isinstance(r, _Staged) else r for r in results]
+        return [r.outcome if isinstance(r, _Staged) else r for r in results]
     finally:
         for file in staged:
             os.close(file.fd)
@@ -106,16 +109,17 @@ def _write_all(items: list[tuple[bytes, str | None]]) -> list[Result]:
 def _up_to(results: list, file: _Staged, failure: Result) -> list[Result]:
     """The results before `file`, then its failure: nothing after it counts as written."""
     head = results[:results.index(file)]
-    return [Result(ok=True) if isinstance(r, _Staged) else r for r in head] + [failure]
+    return [r.outcome if isinstance(r, _Staged) else r for r in head] + [failure]
 
 
-def _stage(payload: bytes, target: str) -> _Staged | Result:
-    directory = os.path.dirname(target) or "."
+def _stage(payload: bytes, target: str, present: set[str]) -> _Staged | Result:
+    directory, name = os.path.split(target)
+    directory = directory or "."
     try:
-        _makedirs(directory)
-        # The name is cut so that the temp name stays within NAME_MAX when the target does.
-        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(target)[:200]}.", suffix=".tmp",
-                                    dir=directory)
+        if directory not in present:
+            _makedirs(directory)
+            present.add(directory)
+        fd, temp = _create_temp(directory, name)
     except OSError as e:
         return _failed(directory, e.errno, e.strerror)
     try:
@@ -127,6 +131,22 @@ def _stage(payload: bytes, target: str) -> _Staged | Result:
         os.unlink(temp)
         return _failed(directory, e.errno, e.strerror)
     return _Staged(payload, target, directory, temp, fd)
+
+
+_temp_numbers = itertools.count()
+
+
+def _create_temp(directory: str, name: str) -> tuple[int, str]:
+    """A new hidden file beside the target, private, never one that exists (e.g. left by a crash)."""
+    # The name is cut so that the temp name stays within NAME_MAX when the target does.
+    stem = f"{directory}/.{name[:200]}.{os.getpid()}-"
+    for _ in range(100):
+        temp = f"{stem}{next(_temp_numbers)}.tmp"
+        try:
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), temp
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, "no free temporary file name")
 
 
 def _flush(staged: list[_Staged]) -> Result | None:
