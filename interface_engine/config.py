@@ -61,6 +61,8 @@ class HL7Config:
 class ChannelsConfig:
     directory: str = "channels"
     mappings: str = "mappings"
+    #: "process": filters and templates run in a child process (another core); "thread": in the engine's
+    processor: str = "process"
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +258,8 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
 
     c, d = top.table("channels"), ChannelsConfig()
     channels = ChannelsConfig(directory=c.str("directory", d.directory),
-                              mappings=c.str("mappings", d.mappings))
+                              mappings=c.str("mappings", d.mappings),
+                              processor=c.str("processor", d.processor, ("process", "thread")))
     c.done()
 
     a, d = top.table("audit"), AuditConfig()

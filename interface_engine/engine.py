@@ -106,7 +106,8 @@ class Engine(service.MultiService):
         ownership = QueueOwnership(self.committer, self.reactor, config.node, config.queue_lease)
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets,
                                       ownership=ownership, metrics=self.metrics,
-                                      journal=SentJournal.for_store(config.store.url, config.node))
+                                      journal=SentJournal.for_store(config.store.url, config.node),
+                                      processor=config.channels.processor)
         self.runtime.paused = frozenset(control.paused(self.store))
         internet.TimerService(PAUSES_POLL, self._read_pauses).setServiceParent(self)
         if config.retention.schedule:

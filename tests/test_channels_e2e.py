@@ -141,7 +141,8 @@ def test_downstream_down_queue_holds_source_keeps_acking_then_all_arrive_once_in
     setup.start()
     ids = [f"DOWN{i}" for i in range(30)]
     assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * 30
-    time.sleep(1.0)
+    setup.wait(lambda: setup.store.count_messages(state="error") == 1, what="the head failing")
+    time.sleep(0.5)
     assert setup.store.count_messages(state="error") == 1  # the head is failing ...
     assert setup.store.count_messages(state="queued") == 29  # ... the rest wait behind it
     downstream = Receiver(port=port).start()
@@ -385,6 +386,65 @@ def test_sends_in_the_sent_journal_are_recorded_at_start_and_not_sent_again(setu
     assert (tmp_path / "store.db-sent-j1.0").stat().st_size == 0
     assert (tmp_path / "store.db-sent-j1.1").stat().st_size == 0
     assert oct((tmp_path / "store.db-sent-j1.0").stat().st_mode & 0o777) == "0o600"
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes `pid` started (not Python's resource tracker), from whichever of its threads."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                        if b"spawn_main" in cmdline.read():
+                            found.append(int(child))
+        except FileNotFoundError:
+            continue   # a thread or process that ended meanwhile
+    return found
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])   # utime + stime
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_channels_run_in_a_child_process_that_is_replaced_when_it_dies(setup, tmp_path):
+    import signal
+
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port))
+        engine = setup.start()
+        setup.wait(lambda: len(children(engine.proc.pid)) == 1, what="the processor process")
+        (child,) = children(engine.proc.pid)
+        before = cpu_ticks(child)
+        ids = [f"CHILD{i}" for i in range(200)]
+        assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * 200
+        assert downstream.wait_for(200, timeout=30)
+        assert cpu_ticks(child) > before, "the templates did not run in the child"
+        os.kill(child, signal.SIGKILL)
+        setup.wait(lambda: child not in children(engine.proc.pid), what="the child gone")
+        assert [a[0] for a in setup.send(adt_a01("AFTER1"), adt_a01("AFTER2"))] == ["AA", "AA"]
+        assert downstream.wait_for(202, timeout=30)
+        assert downstream.control_ids() == ids + ["AFTER1", "AFTER2"]
+        (child,) = children(engine.proc.pid)
+    assert "the channel processor process ended unexpectedly; starting a new one" in engine.log()
+    engine.kill()   # a killed engine cannot stop its child: the child must notice and end
+    setup.wait(lambda: not os.path.exists(f"/proc/{child}"), timeout=10, what="the orphaned child's end")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_processor_thread_keeps_channels_in_the_engine_process(setup, tmp_path, engine_factory):
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port))
+        extra = (f'[channels]\ndirectory = "{setup.channels}"\nmappings = "{setup.mappings}"\n'
+                 'processor = "thread"\n')
+        engine = setup.engine = engine_factory(extra=extra)
+        setup.store = engine.open_store()
+        assert setup.send(adt_a01("THR1")) == [("AA", "THR1", "")]
+        assert downstream.wait_for(1, timeout=10)
+        assert children(engine.proc.pid) == []
 
 
 def test_a_message_left_received_by_a_crash_is_processed_at_start(setup, tmp_path):

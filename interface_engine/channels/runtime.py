@@ -35,7 +35,8 @@ from ..metrics import DEAD_LETTERED, DELIVERY_FAILED, TEMPLATE, Metrics
 from ..secrets import SecretError
 from .config import ChannelConfig, DestinationConfig
 from .ownership import QueueOwnership
-from .pipeline import decide, prepare_again
+from .pipeline import prepare_again
+from .processor import InProcess, OwnProcess, Snapshot
 from .templating import Mappings
 
 log = Logger()
@@ -85,7 +86,7 @@ def loggable(error: str | None) -> str:
 class ChannelRuntime:
     def __init__(self, channels: list[ChannelConfig], mappings: Mappings, committer, reactor,
                  charsets: dict | None = None, *, ownership: QueueOwnership, metrics: Metrics | None = None,
-                 journal: SentJournal | None = None):
+                 journal: SentJournal | None = None, processor: str = "thread"):
         self.committer = committer
         #: where a non-idempotent destination notes a confirmed send before its record commits
         self.journal = journal
@@ -99,6 +100,8 @@ class ChannelRuntime:
         self.channels: dict[str, ChannelConfig] = {}
         self.mappings = mappings
         self.workers: dict[tuple[str, str], DestinationWorker] = {}
+        #: filters and transforms the batches of the one processor thread, in order
+        self._processor = (OwnProcess if processor == "process" else InProcess)(self.charsets)
         self._pool = ThreadPool(1, 1, name="channel-processor")
         self._incoming: list | None = None
         self._waiters: dict[int, _Waiter] = {}
@@ -112,6 +115,9 @@ class ChannelRuntime:
     @defer.inlineCallbacks
     def start(self):
         self._pool.start()
+        # First in the processor thread's queue: messages that arrive meanwhile wait behind it.
+        threads.deferToThreadPool(self.reactor, self._pool, self._processor.start).addErrback(
+            lambda f: log.error("could not start the channel processor: {error}", error=f.getErrorMessage()))
         if self.journal is not None:
             yield self._record_journaled()
         self._running = True
@@ -159,6 +165,7 @@ class ChannelRuntime:
         self._running = False
         yield defer.DeferredList([w.stop() for w in self.workers.values()])
         yield self.ownership.stop()
+        yield threads.deferToThreadPool(self.reactor, self._pool, self._processor.close)
         yield threads.deferToThread(self._pool.stop)
         if self.journal is not None:
             self.journal.close()
@@ -174,6 +181,7 @@ class ChannelRuntime:
 
     def _apply(self, channels: list[ChannelConfig]):
         self.channels = {c.name: c for c in channels if c.enabled}
+        self._snapshot = Snapshot.of(self.channels, self.mappings)
         wanted = {(c.name, d.name): (c, d) for c in self.channels.values() for d in c.destinations}
         stopping: dict[tuple[str, str], defer.Deferred] = {}
         for key in list(self.workers):
@@ -244,23 +252,12 @@ class ChannelRuntime:
 
     def _process(self):
         batch, self._incoming = self._incoming, None
-        snapshot = (dict(self.channels), self.mappings)
-        d = threads.deferToThreadPool(self.reactor, self._pool, self._decide, batch, snapshot)
+        paused = self.paused
+        # A paused channel's messages stay `received`; resuming it reads them again.
+        batch = [item for item in batch if (item[2], "") not in paused]
+        d = threads.deferToThreadPool(self.reactor, self._pool, self._processor, batch, self._snapshot)
         d.addCallback(self._save)
         d.addErrback(lambda f: log.failure("channel processing failed", f))
-
-    def _decide(self, batch, snapshot) -> list[Processed]:
-        channels, mappings = snapshot
-        results = []
-        paused = self.paused
-        for message_id, raw, name in batch:
-            channel = channels.get(name)
-            if channel is None or (name, "") in paused:
-                continue  # the channel was removed or paused: the message stays `received`
-            msg = hl7.parse(raw, **self.charsets)
-            decision = decide(channel, mappings, msg, raw)
-            results.append(Processed(message_id, name, decision.filter_reason, decision.deliveries))
-        return results
 
     def _save(self, results: list[Processed]):
         for processed in results:
