@@ -205,12 +205,28 @@ class Sender(asyncio.Protocol):
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) of another process, from /proc where there is one."""
+    """CPU time (user + system) of another process and of the processes it runs (the engine's
+    channel processor), from /proc where there is one."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_seconds(child) or 0.0 for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def host_cpu_ticks() -> tuple[int, int] | None:
