@@ -145,3 +145,13 @@ def test_messages_without_control_id_are_never_duplicates(store):
     outcomes = store.write([item("", b"MSH|x"), item("", b"MSH|x")])
     assert [o.kind for o in outcomes] == [STORED, STORED]
     assert store.write([item("", b"MSH|x")])[0].kind == STORED
+
+
+def test_a_message_processed_twice_in_one_batch_leaves_received_once(store):
+    from interface_engine.store import NewDelivery, Processed
+
+    (stored,) = store.write([item("TWICE", channel="adt")])
+    result = Processed(stored.message_id, "adt", deliveries=(NewDelivery("out", "queued", b"x"),))
+    assert store.save_processing([result, result]) == [True, False]
+    assert store.count_deliveries(message_id=stored.message_id) == 1
+    assert store.save_processing([result]) == [False]

@@ -104,6 +104,8 @@ class ChannelRuntime:
         self._processor = (OwnProcess if processor == "process" else InProcess)(self.charsets)
         self._pool = ThreadPool(1, 1, name="channel-processor")
         self._incoming: list | None = None
+        #: messages handed to processing whose results are not committed yet
+        self._in_hand: set[int] = set()
         self._waiters: dict[int, _Waiter] = {}
         self._running = False
         #: (channel, destination) paused by an operator; destination "": the channel's processing
@@ -225,7 +227,7 @@ class ChannelRuntime:
             for message_id, channel, raw, unreadable in rows:
                 if unreadable:
                     log.error("message {id} stays received: {error}", id=message_id, error=unreadable)
-                elif channel in self.channels:
+                elif channel in self.channels and message_id not in self._in_hand:
                     self.received(message_id, raw, channel)
                     resumed += 1
                 after = message_id
@@ -241,6 +243,7 @@ class ChannelRuntime:
             self._incoming = []
             self.reactor.callLater(0, self._process)
         self._incoming.append((message_id, raw, channel))
+        self._in_hand.add(message_id)
 
     def outcome(self, message_id: int, timeout: float) -> defer.Deferred:
         """For ack_mode = "processed": fires (ok, error) once the destinations have answered."""
@@ -254,18 +257,23 @@ class ChannelRuntime:
         batch, self._incoming = self._incoming, None
         paused = self.paused
         # A paused channel's messages stay `received`; resuming it reads them again.
-        batch = [item for item in batch if (item[2], "") not in paused]
-        d = threads.deferToThreadPool(self.reactor, self._pool, self._processor, batch, self._snapshot)
+        taken = [item for item in batch if (item[2], "") not in paused]
+        d = threads.deferToThreadPool(self.reactor, self._pool, self._processor, taken, self._snapshot)
         d.addCallback(self._save)
         d.addErrback(lambda f: log.failure("channel processing failed", f))
+        # Once their results are committed (or failed), a resume may hand these over again.
+        d.addBoth(lambda _: self._in_hand.difference_update(item[0] for item in batch))
 
-    def _save(self, results: list[Processed]):
+    def _save(self, results: list[Processed]) -> defer.Deferred:
+        saved = []
         for processed in results:
             d = self.committer.submit(processed, self.store.save_processing)
             d.addCallback(self._saved, processed)
             d.addErrback(lambda f, p=processed: log.error(
                 "could not record processing of message {id}: {error}; it stays received and is "
                 "processed again at the next start", id=p.message_id, error=f.getErrorMessage()))
+            saved.append(d)
+        return defer.DeferredList(saved)
 
     def _saved(self, moved: bool, processed: Processed):
         if not moved:
@@ -451,7 +459,7 @@ class DestinationWorker:
 
     def _run_from(self, heads: list[QueuedDelivery], position: int, now) -> list[QueuedDelivery]:
         """The deliveries from `position` that can go to the destination together: rendered and due."""
-        size = getattr(self.destination, "batch", 1)
+        size = self.destination.batch
         run = heads[position:position + size]
         for i, delivery in enumerate(run):
             if delivery.output is None or (delivery.next_attempt_at is not None

@@ -42,6 +42,9 @@ class Destination:
     #: "already present"; a FHIR PUT by id). The runtime then need not record each attempt
     #: before starting the next: a crash can only repeat deliveries that change nothing.
     idempotent: bool = False
+    #: Deliveries the runtime may hand over at once through `deliver_batch(items)`, which
+    #: returns one Result per item up to the first failure; 1: one `deliver` at a time.
+    batch: int = 1
 
     _busy = False
 

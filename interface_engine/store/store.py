@@ -432,7 +432,10 @@ class Store:
         with write_transaction(conn):
             waiting = {row[0] for row in conn.execute(
                 _STILL_RECEIVED, {"ids": [p.message_id for p in batch]})}
-            done = [p.message_id in waiting for p in batch]
+            done = []
+            for p in batch:   # a message handed over twice in one batch moves once
+                done.append(p.message_id in waiting)
+                waiting.discard(p.message_id)
             moving = [p for p, ok in zip(batch, done) if ok]
             if moving:
                 self._execute_many(conn, _LEAVE_RECEIVED, [
