@@ -1,0 +1,52 @@
+"""The group committer on a real SQLite store: one transaction a cycle, each kind undone alone."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from interface_engine.store import (RECEIVED, STORED, Attempt, GroupCommitter, Incoming, NewDelivery,
+                                    Processed, Store, utcnow)
+from tests.messages import adt_a01
+
+
+def incoming(control_id: str) -> Incoming:
+    return Incoming(raw=adt_a01(control_id), listener="l", peer="127.0.0.1", state=RECEIVED, ack=b"AA",
+                    message_type="ADT", trigger_event="A01", control_id=control_id, channel="adt")
+
+
+class GroupCommitterTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.store = Store(f"sqlite:///{self.dir / 'store.db'}")
+        self.store.check_schema()
+        self.addCleanup(self.store.close)
+        self.committer = GroupCommitter(self.store, reactor)
+        self.committer.start()
+        self.addCleanup(self.committer.stop)
+
+    @defer.inlineCallbacks
+    def test_a_failing_kind_is_undone_alone_and_the_others_commit(self):
+        stray = Attempt(delivery_id=999_999, message_id=1, started_at=utcnow(), duration_ms=1.0, ok=True,
+                        new_state="sent")   # no such delivery: the foreign key refuses it
+        stored = self.committer.submit(incoming("GC1"))
+        recorded = self.committer.submit(stray, self.store.record_attempts)
+        outcome = yield stored
+        self.assertEqual(outcome.kind, STORED)
+        yield self.assertFailure(recorded, Exception)
+        reader = Store(self.store.url)   # another connection: what is committed
+        self.addCleanup(reader.close)
+        self.assertEqual(reader.count_messages(), 1)
+        self.assertEqual(reader.get_message(outcome.message_id)["control_id"], "GC1")
+
+    @defer.inlineCallbacks
+    def test_a_queue_read_sees_what_its_cycle_wrote(self):
+        (stored,) = self.store.write([incoming("GC2")])
+        processed = Processed(stored.message_id, "adt", deliveries=(NewDelivery("out", "queued", b"x"),))
+        heads = self.committer.submit(("adt", "out", 10), self.store.queue)   # asked first, read after the commit
+        saved = self.committer.submit(processed, self.store.save_processing)
+        self.assertEqual((yield saved), True)
+        self.assertEqual([d.message_id for d in (yield heads)], [stored.message_id])
