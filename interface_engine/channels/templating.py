@@ -120,7 +120,7 @@ import threading
 from contextvars import ContextVar
 from datetime import UTC, tzinfo
 from pathlib import Path
-from types import MethodType
+from types import BuiltinMethodType, MethodType
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -130,7 +130,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.filters import do_tojson
 from jinja2.runtime import Macro, Undefined
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment, safe_range
-from jinja2.utils import missing
+from jinja2.utils import Namespace, missing
 from lxml import etree
 
 from interface_engine import hl7
@@ -358,6 +358,9 @@ _MAX_VERDICTS = 4096
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 _MISSING = object()
 _OWN_HELPERS = frozenset({FHIRHelpers, TemplateMessage, TemplateSegment})
+#: Types whose public attributes the sandbox always allows: Jinja's checks refuse only names
+#: starting with '_' on them (none is a function, a type or a known mutable container).
+_PLAIN_ATTRIBUTES = _OWN_HELPERS | {Namespace}
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -401,6 +404,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             # AttributeError it raises and catches first; a missing key takes the usual path.
             value = obj.get(attribute, _MISSING)
             if value is not _MISSING and not isinstance(value, Undefined):
+                return value
+        elif type(obj) in _PLAIN_ATTRIBUTES and attribute[:1] != "_":
+            # ``ns.resources``, ``fhir.patient``, ``msg.segment``: Jinja's verdict is known (see
+            # _PLAIN_ATTRIBUTES); a missing attribute, an undefined value or a builtin method
+            # (which Jinja checks for str.format) take the usual path.
+            value = getattr(obj, attribute, _MISSING)
+            if value is not _MISSING and type(value) is not BuiltinMethodType and not isinstance(value, Undefined):
                 return value
         try:
             value = super().getattr(obj, attribute)

@@ -49,6 +49,12 @@ ESCAPES = [
     "msg.raw.format_map.__self__",
     "channel.__class__.__subclasses__()",
     "channel.clear()",
+    "namespace(a=1)._Namespace__attrs",
+    "namespace(a=1).__class__",
+    "fhir._tables",
+    "fhir._found",
+    "fhir.__class__",
+    "msg.segment('PID')._fields",
 ]
 
 
