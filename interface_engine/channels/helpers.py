@@ -339,9 +339,17 @@ _DTM = re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:
 _PRECISIONS = {"year": 1, "month": 2, "day": 3, "second": 6}
 
 
+_OFFSETS: dict[int, str] = {}  # minutes east of UTC -> "+hh:mm"; at most 2,879 entries (under a day either way)
+
+
 def _offset(minutes: int) -> str:
-    sign = "-" if minutes < 0 else "+"
-    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    text = _OFFSETS.get(minutes)
+    if text is None:
+        sign = "-" if minutes < 0 else "+"
+        text = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+        if abs(minutes) < 1440:
+            _OFFSETS[minutes] = text
+    return text
 
 
 def hl7_to_iso(value, zone: tzinfo, precision: str | None = None, *, instant: bool = False) -> str:
@@ -357,9 +365,9 @@ def hl7_to_iso(value, zone: tzinfo, precision: str | None = None, *, instant: bo
     if m is None:
         return ""
     year, month, day, hour, minute, second, fraction, offset = m.groups()
-    try:
+    try:  # the check that it is a date and time; the text is written from the digits matched
         dt = datetime(int(year), int(month or 1), int(day or 1),
-                      int(hour or 0), int(minute or 0), int(second or 0))
+                      int(hour or 0), int(minute or 0), int(second or 0), tzinfo=zone)
     except ValueError:
         return ""
     if offset and (int(offset[1:3]) > 23 or int(offset[3:]) > 59):
@@ -369,14 +377,13 @@ def hl7_to_iso(value, zone: tzinfo, precision: str | None = None, *, instant: bo
     level = 7 if fraction else 6 if second else 5 if minute else 4 if hour else 3 if day else 2 if month else 1
     if precision is not None:
         level = min(level, _PRECISIONS[precision])
-    date = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}"
     if level <= 3:
-        return date[:(4, 7, 10)[level - 1]]
-    text = f"{date}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}" + (f".{fraction}" if level == 7 else "")
+        return year if level == 1 else f"{year}-{month}" if level == 2 else f"{year}-{month}-{day}"
+    text = f"{year}-{month}-{day}T{hour}:{minute or '00'}:{second or '00'}" + (f".{fraction}" if level == 7 else "")
     if offset:
         minutes = int(offset[1:3]) * 60 + int(offset[3:])
         return text + _offset(-minutes if offset[0] == "-" else minutes)
-    return text + _offset(int(dt.replace(tzinfo=zone).utcoffset().total_seconds()) // 60)
+    return text + _offset(int(dt.utcoffset().total_seconds()) // 60)
 
 
 def _csv_field(value) -> str:
@@ -394,21 +401,27 @@ def csv_row(*values) -> str:
 
 
 _ENGINE_NAMESPACE_BYTES = ENGINE_NAMESPACE.bytes
+# The variant's hex digit: its two high bits set to 10 (RFC 4122), the two low bits kept.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def uuid5_text(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without building UUID objects.
+
+    SHA-1 of the namespace and name in hex, with the version digit 5 and the variant bits
+    written into that text, in the 8-4-4-4-12 form.
+    """
+    h = hashlib.sha1(namespace + name.encode("utf-8")).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def uuid5(*parts) -> str:
     """A deterministic id: the same parts give the same id, forever (none counts as '').
 
-    ``str(uuid.uuid5(ENGINE_NAMESPACE, name))`` computed without building UUID objects
-    (a FHIR mapping makes a dozen ids per message): SHA-1 of the namespace and name,
-    version 5 and RFC 4122 variant bits set, in the 8-4-4-4-12 form.
+    ``str(uuid.uuid5(ENGINE_NAMESPACE, name))`` (see uuid5_text): a FHIR mapping makes a
+    dozen ids per message.
     """
-    name = "|".join("" if p is None else str(p) for p in parts)
-    digest = bytearray(hashlib.sha1(_ENGINE_NAMESPACE_BYTES + name.encode("utf-8")).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid5_text(_ENGINE_NAMESPACE_BYTES, "|".join(["" if p is None else str(p) for p in parts]))
 
 
 def b64encode(value, encoding: str = "utf-8") -> str:

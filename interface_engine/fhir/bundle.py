@@ -15,10 +15,13 @@ import re
 import uuid
 from datetime import datetime, timezone
 
+from interface_engine.channels.helpers import uuid5_text
+
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _INFINITY = float("inf")
 PROVENANCE_NAMESPACE = uuid.UUID("0b0d9e4e-5f6f-5c1b-9a55-6f1d3c1e7a10")
+_PROVENANCE_NAMESPACE_BYTES = PROVENANCE_NAMESPACE.bytes
 
 
 class BundleError(ValueError):
@@ -145,7 +148,7 @@ def provenance(resources: list[dict], source: dict) -> dict:
     """Which HL7 v2 message these resources came from; its id depends on that message only."""
     sender = "|".join(filter(None, (source.get("application"), source.get("facility"))))
     control_id = source.get("control_id") or ""
-    rid = str(uuid.uuid5(PROVENANCE_NAMESPACE, f"{sender}|{control_id}|{source.get('sha256', '')}"))
+    rid = uuid5_text(_PROVENANCE_NAMESPACE_BYTES, f"{sender}|{control_id}|{source.get('sha256', '')}")
     entity = {"role": "source", "what": {"display": f"HL7 v2 {source.get('type', '')} {control_id}".strip()}}
     if control_id:
         entity["what"]["identifier"] = {"system": "urn:id:hl7v2-message-control-id", "value": control_id}
