@@ -378,6 +378,14 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.binop_table["**"] = _power
         self.filters["tojson"] = _tojson
 
+    def make_globals(self, d):
+        """A template's globals as one dict (Jinja's is a ChainMap over the environment's).
+
+        Every render copies them into its context, and a ChainMap is read key by key in
+        Python; the environment's globals are all set before the first template loads.
+        """
+        return {**self.globals, **(d or {})}
+
     def unsafe_undefined(self, obj, attribute):
         raise _Forbidden(f"access to {attribute!r} of a {type(obj).__name__} object is not allowed")
 
