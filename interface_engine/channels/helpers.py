@@ -70,12 +70,14 @@ def _message_text(message: hl7.Message) -> Encoded:
 class TemplateSegment:
     """One segment as templates see it: ``seg.name``, ``seg['5.1']``, ``seg.raw``; ``{{ seg }}`` is its text."""
 
-    __slots__ = ("_segment", "_message", "_fields")
+    __slots__ = ("_segment", "_message", "_memo")
 
     def __init__(self, segment: hl7.Segment, message: hl7.Message):
         self._segment = segment
         self._message = message
-        self._fields: list[str] | None = None
+        #: What the fhir segment maps read of this segment more than once a render (a key they
+        #: need both for an id and for the resource); a view lives for one render.
+        self._memo: dict | None = None
 
     def __repr__(self) -> str:
         return f"<segment {self._segment.name or '(not a segment)'}>"
@@ -94,7 +96,13 @@ class TemplateSegment:
         return Encoded(self._message.delimiters.escape_controls(self._segment.text))
 
     def __getitem__(self, path) -> str:
-        return self._read(self._own_path(path))
+        try:
+            p = parse_path(path)
+        except ValueError:
+            raise HelperError(_BAD_PATH) from None
+        if (p.segment and p.segment != self._segment.name) or p.occurrence is not None:
+            self._own_path(path)  # says which
+        return self._read(p)
 
     def _own_path(self, path) -> Path:
         p = _path(path)
@@ -117,9 +125,7 @@ class TemplateSegment:
         if not name or name in _HEADER_IDS:
             return lambda c, s=1: self[f"{field}.{c}.{s}"]
         d: Delimiters = self._message.delimiters
-        if self._fields is None:
-            self._fields = self._segment.text.split(d.field_sep)
-        fields = self._fields
+        fields = self._segment._fields()
         if p.field >= len(fields):
             return lambda c, s=1: ""
         rep = _nth(fields[p.field], d.repetition_sep, p.repetition or 1)
@@ -136,9 +142,7 @@ class TemplateSegment:
         if not name:
             return ""
         d: Delimiters = self._message.delimiters
-        if self._fields is None:
-            self._fields = self._segment.text.split(d.field_sep)
-        fields = self._fields
+        fields = self._segment._fields()
         n = p.field
         if name in _HEADER_IDS:
             if n <= 2:

@@ -146,7 +146,6 @@ from collections.abc import Callable
 from datetime import UTC, tzinfo
 from urllib.parse import quote
 
-from interface_engine import hl7
 from interface_engine.channels.helpers import (
     Encoded, HelperError, TemplateMessage, TemplateSegment, hl7_to_iso, uuid5,
 )
@@ -226,16 +225,6 @@ def _split(text: str, sep: str) -> list[str]:
 def _nth(text: str, sep: str, n: int) -> str:
     parts = _split(text, sep)
     return parts[n - 1] if n <= len(parts) else ""
-
-
-def _field(segment: hl7.Segment, n: int) -> str:
-    """The encoded text of field ``n``; MSH-1/MSH-2 (delimiters, never a datatype) read as ''."""
-    parts = segment._fields()
-    if segment.name in _HEADER_IDS:
-        if n <= 2:
-            return ""
-        n -= 1
-    return parts[n] if n < len(parts) else ""
 
 
 def _put(out: dict, key: str, value) -> None:
@@ -725,12 +714,19 @@ class FHIRNamespace:
             raise HelperError(f"fhir.{fn} reads msg or a segment (msg.segment('PID'), msg.segments('OBX'))")
         if segment is None:
             return []
-        text = _field(segment, p.field)
+        # The field's encoded text (MSH-1/MSH-2, the delimiters, read as ''): most reads end here, empty.
+        fields, n = segment._fields(), p.field
+        if segment.name in _HEADER_IDS:
+            if n <= 2:
+                return []
+            n -= 1
+        text = fields[n] if n < len(fields) else ""
         if not text:
             return []
         d, encoding = message.delimiters, message.encoding
         if p.repetition is None and p.component is None:
-            reps = _split(text, d.repetition_sep)
+            sep = d.repetition_sep
+            reps = text.split(sep) if sep and sep in text else [text]
         else:
             reps = [_nth(text, d.repetition_sep, p.repetition or 1)]
         values = []
@@ -738,7 +734,8 @@ class FHIRNamespace:
             if not rep or rep == '""':
                 continue
             if p.component is None:
-                parts = _split(rep, d.component_sep)
+                sep = d.component_sep
+                parts = rep.split(sep) if sep else [rep]
             else:  # the sub-components of one component are the value's components
                 component = _nth(rep, d.component_sep, p.component)
                 if p.subcomponent is None:
