@@ -341,6 +341,7 @@ def _xml_field(element, rep: str, d: Delimiters, encoding: str) -> None:
 _DTM = re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d+))?)?)?)?)?)?"
                   r"([+-]\d{4})?", re.ASCII)
 _PRECISIONS = {"year": 1, "month": 2, "day": 3, "second": 6}
+_PLAIN_LENGTHS = frozenset({4, 6, 8, 10, 12, 14})  # YYYY[MM[DD[HH[MM[SS]]]]]
 
 
 _OFFSETS: dict[int, str] = {}  # minutes east of UTC -> "+hh:mm"; at most 2,879 entries (under a day either way)
@@ -365,18 +366,24 @@ def hl7_to_iso(value, zone: tzinfo, precision: str | None = None, *, instant: bo
     """
     if precision is not None and precision not in _PRECISIONS:
         raise HelperError("hl7_datetime: precision is one of year, month, day, second")
-    m = _DTM.fullmatch("" if value is None else str(value).strip())
-    if m is None:
-        return ""
-    year, month, day, hour, minute, second, fraction, offset = m.groups()
-    try:  # the check that it is a date and time; the text is written from the digits matched
-        dt = datetime(int(year), int(month or 1), int(day or 1),
-                      int(hour or 0), int(minute or 0), int(second or 0), tzinfo=zone)
+    text = "" if value is None else str(value).strip()
+    if len(text) in _PLAIN_LENGTHS and text.isascii() and text.isdigit():  # most values: no pattern to run
+        year, month, day, hour, minute, second = (text[:4], text[4:6], text[6:8], text[8:10], text[10:12],
+                                                  text[12:])
+        fraction = offset = None
+    else:
+        m = _DTM.fullmatch(text)
+        if m is None:
+            return ""
+        year, month, day, hour, minute, second, fraction, offset = m.groups()
+    try:  # that it is a date and time; the text is written from the digits
+        dt = datetime.fromisoformat(f"{year}-{month or '01'}-{day or '01'}T{hour or '00'}:{minute or '00'}:"
+                                    f"{second or '00'}")
     except ValueError:
         return ""
     if offset and (int(offset[1:3]) > 23 or int(offset[3:]) > 59):
         return ""
-    if instant and second is None:
+    if instant and not second:
         return ""
     level = 7 if fraction else 6 if second else 5 if minute else 4 if hour else 3 if day else 2 if month else 1
     if precision is not None:
@@ -387,7 +394,7 @@ def hl7_to_iso(value, zone: tzinfo, precision: str | None = None, *, instant: bo
     if offset:
         minutes = int(offset[1:3]) * 60 + int(offset[3:])
         return text + _offset(-minutes if offset[0] == "-" else minutes)
-    return text + _offset(int(dt.utcoffset().total_seconds()) // 60)
+    return text + _offset(int(zone.utcoffset(dt).total_seconds()) // 60)
 
 
 def _csv_field(value) -> str:
