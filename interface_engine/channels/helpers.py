@@ -130,10 +130,19 @@ class TemplateSegment:
             return lambda c, s=1: ""
         rep = _nth(fields[p.field], d.repetition_sep, p.repetition or 1)
         parts = rep.split(d.component_sep) if d.component_sep else [rep]
-        count, sub, unescape, encoding = len(parts), d.subcomponent_sep, d.unescape, self._message.encoding
+        count, sub, esc, unescape, encoding = (len(parts), d.subcomponent_sep, d.escape_char, d.unescape,
+                                               self._message.encoding)
 
         def read(c: int, s: int = 1) -> str:
-            return unescape(_nth(parts[c - 1], sub, s), encoding) if c <= count else ""
+            if c > count:
+                return ""
+            value = parts[c - 1]
+            if sub and sub in value:
+                subs = value.split(sub)
+                value = subs[s - 1] if s <= len(subs) else ""
+            elif s > 1:
+                return ""
+            return unescape(value, encoding) if esc and esc in value else value
         return read
 
     def _read(self, p: Path) -> str:
@@ -169,7 +178,8 @@ class TemplateSegment:
         for c in seps:
             if c and c in value:
                 return Encoded(d.escape_controls(value))
-        return d.unescape(value, self._message.encoding)
+        esc = d.escape_char
+        return d.unescape(value, self._message.encoding) if esc and esc in value else value
 
 
 class TemplateMessage:
