@@ -121,11 +121,11 @@ class TemplateSegment:
         if _path(field).component is not None:  # field.c.s would not be a path
             raise HelperError(_BAD_PATH)
         p = self._own_path(field)
-        name = self._segment.name
-        if not name or name in _HEADER_IDS:
+        segment = self._segment
+        if not segment.name or segment.name in _HEADER_IDS:
             return lambda c, s=1: self[f"{field}.{c}.{s}"]
         d: Delimiters = self._message.delimiters
-        fields = self._segment._fields()
+        fields = segment._parts or segment._fields()  # split on the first read
         if p.field >= len(fields):
             return lambda c, s=1: ""
         rep = _nth(fields[p.field], d.repetition_sep, p.repetition or 1)
@@ -147,11 +147,12 @@ class TemplateSegment:
 
     def _read(self, p: Path) -> str:
         """The model's value rule, but a composite comes back Encoded."""
-        name = self._segment.name
+        segment = self._segment
+        name = segment.name
         if not name:
             return ""
         d: Delimiters = self._message.delimiters
-        fields = self._segment._fields()
+        fields = segment._parts or segment._fields()  # split on the first read
         n = p.field
         if name in _HEADER_IDS:
             if n <= 2:

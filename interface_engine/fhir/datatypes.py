@@ -738,7 +738,7 @@ class FHIRNamespace:
         if segment is None:
             return []
         # The field's encoded text (MSH-1/MSH-2, the delimiters, read as ''): most reads end here, empty.
-        fields, n = segment._fields(), p.field
+        fields, n = segment._parts or segment._fields(), p.field  # split on the first read
         if segment.name in _HEADER_IDS:
             if n <= 2:
                 return []

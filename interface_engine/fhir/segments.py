@@ -141,7 +141,7 @@ def _repetitions(seg: TemplateSegment, f: str) -> list[str]:
 
 def _segment(src, fn: str) -> TemplateSegment | None:
     if src is None or isinstance(src, TemplateSegment):
-        return src if src is None or src.name else None
+        return src if src is None or src._segment.name else None
     raise HelperError(f"fhir.{fn} reads a segment (msg.segment('PID'), a loop over msg.segments('NK1'))")
 
 
