@@ -357,10 +357,10 @@ class _Undefined(StrictUndefined):
 _MAX_VERDICTS = 4096
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 _MISSING = object()
+#: The engine's own helpers and message views. Like a Jinja namespace, their public attributes are
+#: what the sandbox always allows: Jinja's checks refuse only names starting with '_' on them (none
+#: is a function, a type or a known mutable container).
 _OWN_HELPERS = frozenset({FHIRHelpers, TemplateMessage, TemplateSegment})
-#: Types whose public attributes the sandbox always allows: Jinja's checks refuse only names
-#: starting with '_' on them (none is a function, a type or a known mutable container).
-_PLAIN_ATTRIBUTES = _OWN_HELPERS | {Namespace}
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -413,10 +413,19 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             value = obj.get(attribute, _MISSING)
             if value is not _MISSING and not isinstance(value, Undefined):
                 return value
-        elif type(obj) in _PLAIN_ATTRIBUTES and attribute[:1] != "_":
-            # ``ns.resources``, ``fhir.patient``, ``msg.segment``: Jinja's verdict is known (see
-            # _PLAIN_ATTRIBUTES); a missing attribute, an undefined value or a builtin method
-            # (which Jinja checks for str.format) take the usual path.
+        elif type(obj) is Namespace and attribute[:1] != "_":
+            # ``ns.resources``: the namespace's own dict, read without its two Python-level
+            # __getattribute__ calls; Jinja's verdict is known (see _OWN_HELPERS).
+            try:
+                value = object.__getattribute__(obj, "_Namespace__attrs").get(attribute, _MISSING)
+            except AttributeError:  # a Jinja that keeps a namespace's values otherwise
+                value = getattr(obj, attribute, _MISSING)
+            if value is not _MISSING and type(value) is not BuiltinMethodType and not isinstance(value, Undefined):
+                return value
+        elif type(obj) in _OWN_HELPERS and attribute[:1] != "_":
+            # ``fhir.patient``, ``msg.segment``: Jinja's verdict is known (see _OWN_HELPERS); a
+            # missing attribute, an undefined value or a builtin method (which Jinja checks for
+            # str.format) take the usual path.
             value = getattr(obj, attribute, _MISSING)
             if value is not _MISSING and type(value) is not BuiltinMethodType and not isinstance(value, Undefined):
                 return value
