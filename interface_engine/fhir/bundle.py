@@ -117,7 +117,11 @@ def _collect(rendered: dict, sort_keys: bool) -> tuple[list[dict], list[bool]]:
         raise BundleError('a FHIR template must render {"resources": [...]}')
     resources: dict[tuple[str, str], dict] = {}
     merged: set[tuple[str, str]] = set()
+    seen: set[int] = set()
     for n, resource in enumerate(rendered["resources"]):
+        if id(resource) in seen:  # the very same value again (a helper's, made once): merged, it adds nothing
+            continue
+        seen.add(id(resource))
         resource = prune(resource)
         if resource is None:
             continue

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from jinja2.utils import url_quote
 
-from interface_engine.channels.helpers import HelperError, TemplateSegment, uuid5
+from interface_engine.channels.helpers import Encoded, HelperError, TemplateSegment, uuid5
 from interface_engine.fhir.datatypes import V2_0203, UCUM, FHIRNamespace
 
 NULL = '""'
@@ -213,6 +213,21 @@ class FHIRHelpers(FHIRNamespace):
         if seg is None:
             return {"resources": [], "ref": None}
         xcn = seg._components(f)
+        text = seg[f]
+        # The same XCN in one segment (PV1-7 attending and PV1-17 admitting, often) is one
+        # Practitioner: made once, the same dict both times (the Bundle step adds it once).
+        # Encoded or decoded: a composite's text, or a decoded leaf, says all the XCN holds.
+        key = ("practitioner", isinstance(text, Encoded), text)
+        memo = seg._memo
+        if memo is not None and key in memo:
+            return memo[key]
+        made = self._practitioner(xcn)
+        if memo is None:
+            memo = seg._memo = {}
+        memo[key] = made
+        return made
+
+    def _practitioner(self, xcn) -> dict:
         idv = _text(xcn(1))
         family = _trimmed(xcn(2))
         given = _trimmed(xcn(3))

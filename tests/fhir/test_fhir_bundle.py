@@ -170,3 +170,16 @@ def test_values_json_cannot_carry_as_built_go_the_json_render_way(tmp_path):
     failed = _fhir_delivery(tmp_path, '{%% set n = (msg["MSH-99"] ~ "nan") | float %%}{{ {"resources": [dict(%s}, x=n)]} | tojson }}'
                             % PATIENT)
     assert failed.state == "error" and "did not render valid JSON: NaN and Infinity are not JSON" in failed.error
+
+
+@pytest.mark.parametrize("sort_keys", [True, False])
+def test_one_value_given_twice_is_one_resource_as_a_copy_of_it_would_be(sort_keys):
+    """A helper gives the same dict for the same XCN twice in a segment; the Bundle is the one an
+    equal copy would give (merged into the first, it adds nothing)."""
+    doctor = {"resourceType": "Practitioner", "id": "d1", "name": [{"given": ["A"], "family": "W"}], "x": None}
+    patient = {"resourceType": "Patient", "id": "p1", "generalPractitioner": [{"reference": "Practitioner/d1"}]}
+    same = transaction({"resources": [doctor, patient, doctor]}, SOURCE, sort_keys=sort_keys)
+    copied = transaction({"resources": [doctor, patient, dict(doctor)]}, SOURCE, sort_keys=sort_keys)
+    assert same == copied == to_bytes(build({"resources": [doctor, patient, dict(doctor)]}, SOURCE,
+                                            sort_keys=sort_keys))
+    assert [e["request"]["url"] for e in json.loads(same)["entry"]][:2] == ["Practitioner/d1", "Patient/p1"]
