@@ -48,6 +48,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/fhir_mapping.py --duration 5 --cpu 1
     .venv/bin/python benchmarks/fhir_mapping.py --json benchmarks/results/fhir.json
     .venv/bin/py-spy record -o adt.svg -- .venv/bin/python benchmarks/fhir_mapping.py --render-loop 10
+    PYTHONHASHSEED=0 valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+        .venv/bin/python benchmarks/fhir_mapping.py --map-count 100    # and --map-count 0
 
 The exit status is non-zero if a message failed to map or a variant's output
 differed from the engine's. Meeting the throughput target is reported, not
@@ -793,6 +795,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     ap.add_argument("--render-loop", type=float, metavar="SECONDS",
                     help="only render the ADT^A01 for this long, nothing else (to attach a sampling profiler)")
+    ap.add_argument("--map-count", type=int, metavar="N",
+                    help="only map N fresh messages of --type after 30 to warm up, nothing else: the "
+                         "difference of two runs under valgrind (N and 0) is N messages' instructions")
+    ap.add_argument("--type", default="ADT^A01", choices=[label.split()[0] for label, _, _ in SCENARIOS],
+                    help="the message type --map-count maps (default ADT^A01)")
     args = ap.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -805,6 +812,12 @@ def main(argv=None) -> int:
             mappings.render_value("fhir/adt.fhir.json.j2", msg, timezone=ZONE, variables=VARIABLES)
             n += 1
         print(f"{n} ADT^A01 renders in {args.render_loop:g} s")
+        return 0
+    if args.map_count is not None:
+        _, template, make = next(s for s in SCENARIOS if s[0].split()[0] == args.type)
+        raws = [make(n) for n in range(30 + args.map_count)]
+        for raw in raws:
+            map_one(mappings, template, raw)
         return 0
     info = machine()
     checks = {label: check_scenario(mappings, label, template, make) for label, template, make in SCENARIOS}
