@@ -12,8 +12,8 @@ it (no MLLP, no store, no HTTP):
                helpers in Python), its one ``tojson`` value handed on as
                Python values
 (c) post       ``fhir_bundle(rendered, msg, zone)``: prune (with the JSON
-               checks and key sorting), merge, Provenance, transaction
-               Bundle, serialised to bytes
+               checks), merge, Provenance, transaction Bundle, serialised
+               to bytes (the template's keys sorted as they are written)
 
 for three synthetic messages with invented data (no real person): an ADT^A01
 of about 1 KB, an ORU^R01 with 5 OBX and a VXU^V04; every message has its own
@@ -48,6 +48,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/fhir_mapping.py --duration 5 --cpu 1
     .venv/bin/python benchmarks/fhir_mapping.py --json benchmarks/results/fhir.json
     .venv/bin/py-spy record -o adt.svg -- .venv/bin/python benchmarks/fhir_mapping.py --render-loop 10
+    PYTHONHASHSEED=0 valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+        .venv/bin/python benchmarks/fhir_mapping.py --map-count 100    # and --map-count 0
 
 The exit status is non-zero if a message failed to map or a variant's output
 differed from the engine's. Meeting the throughput target is reported, not
@@ -482,14 +484,14 @@ def experiments(mappings: Mappings, seconds: float) -> dict:
     out["value_same_as_text"] = (
         value.as_built and fhir_bundle(value, msg, ZONE)
         == fhir_bundle(templating.RenderedJSON(json.loads(reference), False), msg, ZONE))
-    built = fhir_bundle_module.build(value.value, {"control_id": "x", "recorded": "2025-01-14T09:30:15-05:00"},
-                                     sort_keys=True)
+    source = {"control_id": "x", "recorded": "2025-01-14T09:30:15-05:00"}
     steps = {
         "render: the engine's render_value (no JSON text)": lambda: mappings.render_value(
             name, msg, timezone=ZONE, variables=VARIABLES),
         "post: fhir_bundle, all of it": lambda: fhir_bundle(value, msg, ZONE),
-        "post:   prune (one pass: checks, sorts keys)": lambda: [fhir_bundle_module.prune(r, True) for r in items],
-        "post:   bundle to bytes (json.dumps)": lambda: fhir_bundle_module.to_bytes(built),
+        "post:   prune (one pass: checks)": lambda: [fhir_bundle_module.prune(r) for r in items],
+        "post:   bundle.transaction (prune, merge, Provenance, JSON sorting keys)": lambda:
+            fhir_bundle_module.transaction(value.value, source, sort_keys=True),
     }
 
     timed = [("render_us", label, fn, seconds / 3) for label, fn in variants.items()]
@@ -793,6 +795,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     ap.add_argument("--render-loop", type=float, metavar="SECONDS",
                     help="only render the ADT^A01 for this long, nothing else (to attach a sampling profiler)")
+    ap.add_argument("--map-count", type=int, metavar="N",
+                    help="only map N fresh messages of --type after 30 to warm up, nothing else: the "
+                         "difference of two runs under valgrind (N and 0) is N messages' instructions")
+    ap.add_argument("--type", default="ADT^A01", choices=[label.split()[0] for label, _, _ in SCENARIOS],
+                    help="the message type --map-count maps (default ADT^A01)")
     args = ap.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -805,6 +812,12 @@ def main(argv=None) -> int:
             mappings.render_value("fhir/adt.fhir.json.j2", msg, timezone=ZONE, variables=VARIABLES)
             n += 1
         print(f"{n} ADT^A01 renders in {args.render_loop:g} s")
+        return 0
+    if args.map_count is not None:
+        _, template, make = next(s for s in SCENARIOS if s[0].split()[0] == args.type)
+        raws = [make(n) for n in range(30 + args.map_count)]
+        for raw in raws:
+            map_one(mappings, template, raw)
         return 0
     info = machine()
     checks = {label: check_scenario(mappings, label, template, make) for label, template, make in SCENARIOS}

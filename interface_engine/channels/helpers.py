@@ -80,12 +80,14 @@ def _message_text(message: hl7.Message) -> Encoded:
 class TemplateSegment:
     """One segment as templates see it: ``seg.name``, ``seg['5.1']``, ``seg.raw``; ``{{ seg }}`` is its text."""
 
-    __slots__ = ("_segment", "_message", "_fields")
+    __slots__ = ("_segment", "_message", "_memo")
 
     def __init__(self, segment: hl7.Segment, message: hl7.Message):
         self._segment = segment
         self._message = message
-        self._fields: list[str] | None = None
+        #: What the fhir segment maps read of this segment more than once a render (a key they
+        #: need both for an id and for the resource); a view lives for one render.
+        self._memo: dict | None = None
 
     def __repr__(self) -> str:
         return f"<segment {self._segment.name or '(not a segment)'}>"
@@ -104,7 +106,13 @@ class TemplateSegment:
         return Encoded(self._message.delimiters.escape_controls(self._segment.text))
 
     def __getitem__(self, path) -> str:
-        return self._read(self._own_path(path))
+        try:
+            p = parse_path(path)
+        except ValueError:
+            raise HelperError(_BAD_PATH) from None
+        if (p.segment and p.segment != self._segment.name) or p.occurrence is not None:
+            self._own_path(path)  # says which
+        return self._read(p)
 
     def _own_path(self, path) -> Path:
         p = _path(path)
@@ -123,32 +131,38 @@ class TemplateSegment:
         if _path(field).component is not None:  # field.c.s would not be a path
             raise HelperError(_BAD_PATH)
         p = self._own_path(field)
-        name = self._segment.name
-        if not name or name in _HEADER_IDS:
+        segment = self._segment
+        if not segment.name or segment.name in _HEADER_IDS:
             return lambda c, s=1: self[f"{field}.{c}.{s}"]
         d: Delimiters = self._message.delimiters
-        if self._fields is None:
-            self._fields = self._segment.text.split(d.field_sep)
-        fields = self._fields
+        fields = segment._parts or segment._fields()  # split on the first read
         if p.field >= len(fields):
             return lambda c, s=1: ""
         rep = _nth(fields[p.field], d.repetition_sep, p.repetition or 1)
         parts = rep.split(d.component_sep) if d.component_sep else [rep]
-        count, sub, unescape, encoding = len(parts), d.subcomponent_sep, d.unescape, self._message.encoding
+        count, sub, esc, unescape, encoding = (len(parts), d.subcomponent_sep, d.escape_char, d.unescape,
+                                               self._message.encoding)
 
         def read(c: int, s: int = 1) -> str:
-            return unescape(_nth(parts[c - 1], sub, s), encoding) if c <= count else ""
+            if c > count:
+                return ""
+            value = parts[c - 1]
+            if sub and sub in value:
+                subs = value.split(sub)
+                value = subs[s - 1] if s <= len(subs) else ""
+            elif s > 1:
+                return ""
+            return unescape(value, encoding) if esc and esc in value else value
         return read
 
     def _read(self, p: Path) -> str:
         """The model's value rule, but a composite comes back Encoded."""
-        name = self._segment.name
+        segment = self._segment
+        name = segment.name
         if not name:
             return ""
         d: Delimiters = self._message.delimiters
-        if self._fields is None:
-            self._fields = self._segment.text.split(d.field_sep)
-        fields = self._fields
+        fields = segment._parts or segment._fields()  # split on the first read
         n = p.field
         if name in _HEADER_IDS:
             if n <= 2:
@@ -175,7 +189,8 @@ class TemplateSegment:
         for c in seps:
             if c and c in value:
                 return Encoded(d.escape_controls(value))
-        return d.unescape(value, self._message.encoding)
+        esc = d.escape_char
+        return d.unescape(value, self._message.encoding) if esc and esc in value else value
 
 
 class TemplateMessage:
@@ -351,11 +366,20 @@ def _xml_field(element, rep: str, d: Delimiters, encoding: str) -> None:
 _DTM = re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d+))?)?)?)?)?)?"
                   r"([+-]\d{4})?", re.ASCII)
 _PRECISIONS = {"year": 1, "month": 2, "day": 3, "second": 6}
+_PLAIN_LENGTHS = frozenset({4, 6, 8, 10, 12, 14})  # YYYY[MM[DD[HH[MM[SS]]]]]
+
+
+_OFFSETS: dict[int, str] = {}  # minutes east of UTC -> "+hh:mm"; at most 2,879 entries (under a day either way)
 
 
 def _offset(minutes: int) -> str:
-    sign = "-" if minutes < 0 else "+"
-    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    text = _OFFSETS.get(minutes)
+    if text is None:
+        sign = "-" if minutes < 0 else "+"
+        text = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+        if abs(minutes) < 1440:
+            _OFFSETS[minutes] = text
+    return text
 
 
 def hl7_to_iso(value, zone: tzinfo, precision: str | None = None, *, instant: bool = False) -> str:
@@ -367,30 +391,35 @@ def hl7_to_iso(value, zone: tzinfo, precision: str | None = None, *, instant: bo
     """
     if precision is not None and precision not in _PRECISIONS:
         raise HelperError("hl7_datetime: precision is one of year, month, day, second")
-    m = _DTM.fullmatch("" if value is None else str(value).strip())
-    if m is None:
-        return ""
-    year, month, day, hour, minute, second, fraction, offset = m.groups()
-    try:
-        dt = datetime(int(year), int(month or 1), int(day or 1),
-                      int(hour or 0), int(minute or 0), int(second or 0))
+    text = "" if value is None else str(value).strip()
+    if len(text) in _PLAIN_LENGTHS and text.isascii() and text.isdigit():  # most values: no pattern to run
+        year, month, day, hour, minute, second = (text[:4], text[4:6], text[6:8], text[8:10], text[10:12],
+                                                  text[12:])
+        fraction = offset = None
+    else:
+        m = _DTM.fullmatch(text)
+        if m is None:
+            return ""
+        year, month, day, hour, minute, second, fraction, offset = m.groups()
+    try:  # that it is a date and time; the text is written from the digits
+        dt = datetime.fromisoformat(f"{year}-{month or '01'}-{day or '01'}T{hour or '00'}:{minute or '00'}:"
+                                    f"{second or '00'}")
     except ValueError:
         return ""
     if offset and (int(offset[1:3]) > 23 or int(offset[3:]) > 59):
         return ""
-    if instant and second is None:
+    if instant and not second:
         return ""
     level = 7 if fraction else 6 if second else 5 if minute else 4 if hour else 3 if day else 2 if month else 1
     if precision is not None:
         level = min(level, _PRECISIONS[precision])
-    date = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}"
     if level <= 3:
-        return date[:(4, 7, 10)[level - 1]]
-    text = f"{date}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}" + (f".{fraction}" if level == 7 else "")
+        return year if level == 1 else f"{year}-{month}" if level == 2 else f"{year}-{month}-{day}"
+    text = f"{year}-{month}-{day}T{hour}:{minute or '00'}:{second or '00'}" + (f".{fraction}" if level == 7 else "")
     if offset:
         minutes = int(offset[1:3]) * 60 + int(offset[3:])
         return text + _offset(-minutes if offset[0] == "-" else minutes)
-    return text + _offset(int(dt.replace(tzinfo=zone).utcoffset().total_seconds()) // 60)
+    return text + _offset(int(zone.utcoffset(dt).total_seconds()) // 60)
 
 
 def _csv_field(value) -> str:
@@ -408,21 +437,27 @@ def csv_row(*values) -> str:
 
 
 _ENGINE_NAMESPACE_BYTES = ENGINE_NAMESPACE.bytes
+# The variant's hex digit: its two high bits set to 10 (RFC 4122), the two low bits kept.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def uuid5_text(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without building UUID objects.
+
+    SHA-1 of the namespace and name in hex, with the version digit 5 and the variant bits
+    written into that text, in the 8-4-4-4-12 form.
+    """
+    h = hashlib.sha1(namespace + name.encode("utf-8")).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def uuid5(*parts) -> str:
     """A deterministic id: the same parts give the same id, forever (none counts as '').
 
-    ``str(uuid.uuid5(ENGINE_NAMESPACE, name))`` computed without building UUID objects
-    (a FHIR mapping makes a dozen ids per message): SHA-1 of the namespace and name,
-    version 5 and RFC 4122 variant bits set, in the 8-4-4-4-12 form.
+    ``str(uuid.uuid5(ENGINE_NAMESPACE, name))`` (see uuid5_text): a FHIR mapping makes a
+    dozen ids per message.
     """
-    name = "|".join("" if p is None else str(p) for p in parts)
-    digest = bytearray(hashlib.sha1(_ENGINE_NAMESPACE_BYTES + name.encode("utf-8")).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid5_text(_ENGINE_NAMESPACE_BYTES, "|".join(["" if p is None else str(p) for p in parts]))
 
 
 def b64encode(value, encoding: str = "utf-8") -> str:

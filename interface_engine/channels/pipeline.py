@@ -116,7 +116,7 @@ def fhir_bundle(rendered: RenderedJSON, msg, zone: str) -> bytes:
               "type": f"{header.message_type}^{header.trigger_event}".rstrip("^"),
               # MSH-7 when it is precise to the second; otherwise the time of sending
               "recorded": hl7_to_iso(header.timestamp, ZoneInfo(zone), instant=True) or None}
-    return bundle.to_bytes(bundle.build(rendered.value, source, sort_keys=rendered.as_built))
+    return bundle.transaction(rendered.value, source, sort_keys=rendered.as_built)
 
 
 def safe_target(template: str, rendered: str) -> str:

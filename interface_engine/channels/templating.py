@@ -120,7 +120,7 @@ import threading
 from contextvars import ContextVar
 from datetime import UTC, tzinfo
 from pathlib import Path
-from types import MethodType
+from types import BuiltinMethodType, MethodType
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -130,7 +130,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.filters import do_tojson
 from jinja2.runtime import Macro, Undefined
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment, safe_range
-from jinja2.utils import missing
+from jinja2.utils import Namespace, missing
 from lxml import etree
 
 from interface_engine import hl7
@@ -357,6 +357,9 @@ class _Undefined(StrictUndefined):
 _MAX_VERDICTS = 4096
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 _MISSING = object()
+#: The engine's own helpers and message views. Like a Jinja namespace, their public attributes are
+#: what the sandbox always allows: Jinja's checks refuse only names starting with '_' on them (none
+#: is a function, a type or a known mutable container).
 _OWN_HELPERS = frozenset({FHIRHelpers, TemplateMessage, TemplateSegment})
 
 
@@ -374,6 +377,14 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.binop_table["*"] = _multiply
         self.binop_table["**"] = _power
         self.filters["tojson"] = _tojson
+
+    def make_globals(self, d):
+        """A template's globals as one dict (Jinja's is a ChainMap over the environment's).
+
+        Every render copies them into its context, and a ChainMap is read key by key in
+        Python; the environment's globals are all set before the first template loads.
+        """
+        return {**self.globals, **(d or {})}
 
     def unsafe_undefined(self, obj, attribute):
         raise _Forbidden(f"access to {attribute!r} of a {type(obj).__name__} object is not allowed")
@@ -401,6 +412,22 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             # AttributeError it raises and catches first; a missing key takes the usual path.
             value = obj.get(attribute, _MISSING)
             if value is not _MISSING and not isinstance(value, Undefined):
+                return value
+        elif type(obj) is Namespace and attribute[:1] != "_":
+            # ``ns.resources``: the namespace's own dict, read without its two Python-level
+            # __getattribute__ calls; Jinja's verdict is known (see _OWN_HELPERS).
+            try:
+                value = object.__getattribute__(obj, "_Namespace__attrs").get(attribute, _MISSING)
+            except AttributeError:  # a Jinja that keeps a namespace's values otherwise
+                value = getattr(obj, attribute, _MISSING)
+            if value is not _MISSING and type(value) is not BuiltinMethodType and not isinstance(value, Undefined):
+                return value
+        elif type(obj) in _OWN_HELPERS and attribute[:1] != "_":
+            # ``fhir.patient``, ``msg.segment``: Jinja's verdict is known (see _OWN_HELPERS); a
+            # missing attribute, an undefined value or a builtin method (which Jinja checks for
+            # str.format) take the usual path.
+            value = getattr(obj, attribute, _MISSING)
+            if value is not _MISSING and type(value) is not BuiltinMethodType and not isinstance(value, Undefined):
                 return value
         try:
             value = super().getattr(obj, attribute)

@@ -15,10 +15,13 @@ import re
 import uuid
 from datetime import datetime, timezone
 
+from interface_engine.channels.helpers import uuid5_text
+
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _INFINITY = float("inf")
 PROVENANCE_NAMESPACE = uuid.UUID("0b0d9e4e-5f6f-5c1b-9a55-6f1d3c1e7a10")
+_PROVENANCE_NAMESPACE_BYTES = PROVENANCE_NAMESPACE.bytes
 
 
 class BundleError(ValueError):
@@ -36,34 +39,33 @@ class NothingToSend(BundleError):
 _INFINITY = float("inf")
 
 
-def prune(value, sort_keys: bool = False):
+def prune(value):
     """`value` without null, "", [] and {} anywhere inside; None if nothing is left.
 
     One walk that also checks that `value` is plain JSON, for a template's values
     that were never written as text: dicts with text keys, lists (or tuples), text,
     numbers other than NaN and Infinity, booleans; anything else raises NotJSON.
-    `sort_keys` sorts every object's keys, as a template's ``tojson`` would have.
+    Keys keep their order (see _sorted).
     """
     try:
-        return _pruned(value, sort_keys)
+        return _pruned(value)
     except RecursionError:
         pass
     raise NotJSON("nested too deeply")
 
 
-def _pruned(value, sort_keys: bool):
+def _pruned(value):
     kind = type(value)
     if kind is dict:
         kept = {}
-        for key in sorted(value) if sort_keys else value:
+        for key, v in value.items():
             if type(key) is not str:
                 raise NotJSON("an object key that is not text")
-            v = value[key]
             if type(v) is str:  # most values: kept or dropped here, without a call
                 if v:
                     kept[key] = v
             elif v is not None:
-                v = _pruned(v, sort_keys)
+                v = _pruned(v)
                 if v is not None:
                     kept[key] = v
         return kept or None
@@ -76,7 +78,7 @@ def _pruned(value, sort_keys: bool):
                 if v:
                     kept.append(v)
             elif v is not None:
-                v = _pruned(v, sort_keys)
+                v = _pruned(v)
                 if v is not None:
                     kept.append(v)
         return kept or None
@@ -90,7 +92,7 @@ def _pruned(value, sort_keys: bool):
         return value
     for plain in (str, dict, list, tuple, bool, int, float):  # subclasses: as JSON writes them
         if isinstance(value, plain):
-            return _pruned(plain(value), sort_keys)
+            return _pruned(plain(value))
     raise NotJSON(f"a {kind.__name__} value")
 
 
@@ -107,16 +109,20 @@ def merge(first: dict, later: dict) -> dict:
     return out
 
 
-def build(rendered: dict, source: dict, *, sort_keys: bool = False) -> dict:
-    """The transaction Bundle for one message. `source` names it: sender, facility, control id, type, time.
-
-    `sort_keys`: `rendered` holds a template's own values (see prune).
-    """
+def _collect(rendered: dict, sort_keys: bool) -> tuple[list[dict], list[bool]]:
+    """The resources to send, pruned and merged by type and id, in order; and for each whether its
+    keys are in their final order (a merged one's are: see merge), or are still to be sorted
+    (`sort_keys`: the JSON writer sorts them, for less than prune would spend)."""
     if not isinstance(rendered, dict) or not isinstance(rendered.get("resources"), (list, tuple)):
         raise BundleError('a FHIR template must render {"resources": [...]}')
     resources: dict[tuple[str, str], dict] = {}
+    merged: set[tuple[str, str]] = set()
+    seen: set[int] = set()
     for n, resource in enumerate(rendered["resources"]):
-        resource = prune(resource, sort_keys)
+        if id(resource) in seen:  # the very same value again (a helper's, made once): merged, it adds nothing
+            continue
+        seen.add(id(resource))
+        resource = prune(resource)
         if resource is None:
             continue
         if not isinstance(resource, dict):
@@ -128,10 +134,52 @@ def build(rendered: dict, source: dict, *, sort_keys: bool = False) -> dict:
             raise BundleError(f"resources[{n}] ({kind}) has no valid id: ids must be deterministic, "
                               "from fhir.id(...)")
         key = (kind, rid)
-        resources[key] = merge(resources[key], resource) if key in resources else resource
+        if key in resources:
+            first = resources[key]
+            if sort_keys and key not in merged:
+                first = _sorted(first)
+            resources[key] = merge(first, _sorted(resource) if sort_keys else resource)
+            merged.add(key)
+        else:
+            resources[key] = resource
     if not resources:
         raise NothingToSend("the mapping produced no resource: nothing to send")
-    entries = list(resources.values())
+    return list(resources.values()), [not sort_keys or key in merged for key in resources]
+
+
+def _sorted(value):
+    """A pruned value with every object's keys sorted, as a template's ``tojson`` would have written
+    them (to merge resources as written; the JSON writer sorts the others)."""
+    try:
+        return _sorted_copy(value)
+    except RecursionError:
+        pass
+    raise NotJSON("nested too deeply")
+
+
+def _sorted_copy(value):
+    kind = type(value)
+    if kind is dict:
+        out = {}
+        for key in sorted(value):
+            out[key] = _sorted_copy(value[key])
+        return out
+    if kind is list:
+        out = []
+        for v in value:
+            out.append(_sorted_copy(v))
+        return out
+    return value
+
+
+def build(rendered: dict, source: dict, *, sort_keys: bool = False) -> dict:
+    """The transaction Bundle for one message. `source` names it: sender, facility, control id, type, time.
+
+    `sort_keys`: `rendered` holds a template's own values (see prune). `transaction` writes the same
+    Bundle as JSON.
+    """
+    resources, ordered = _collect(rendered, sort_keys)
+    entries = [r if done else _sorted(r) for r, done in zip(resources, ordered)]
     entries.append(provenance(entries, source))
     return {
         "resourceType": "Bundle",
@@ -141,11 +189,23 @@ def build(rendered: dict, source: dict, *, sort_keys: bool = False) -> dict:
     }
 
 
+def transaction(rendered: dict, source: dict, *, sort_keys: bool = False) -> bytes:
+    """``to_bytes(build(rendered, source, sort_keys=sort_keys))``, with the keys sorted as the JSON is written."""
+    resources, ordered = _collect(rendered, sort_keys)
+    entries = [(_ENCODER if done else _SORTED).encode(r) for r, done in zip(resources, ordered)]
+    resources.append(provenance(resources, source))
+    entries.append(_ENCODER.encode(resources[-1]))
+    # resourceType and id are plain ASCII (_TYPE, _ID): the url needs no escaping
+    text = ",".join([f'{{"resource":{json},"request":{{"method":"PUT","url":"{r["resourceType"]}/{r["id"]}"}}}}'
+                     for json, r in zip(entries, resources)])
+    return _bytes('{"resourceType":"Bundle","type":"transaction","entry":[' + text + "]}")
+
+
 def provenance(resources: list[dict], source: dict) -> dict:
     """Which HL7 v2 message these resources came from; its id depends on that message only."""
     sender = "|".join(filter(None, (source.get("application"), source.get("facility"))))
     control_id = source.get("control_id") or ""
-    rid = str(uuid.uuid5(PROVENANCE_NAMESPACE, f"{sender}|{control_id}|{source.get('sha256', '')}"))
+    rid = uuid5_text(_PROVENANCE_NAMESPACE_BYTES, f"{sender}|{control_id}|{source.get('sha256', '')}")
     entity = {"role": "source", "what": {"display": f"HL7 v2 {source.get('type', '')} {control_id}".strip()}}
     if control_id:
         entity["what"]["identifier"] = {"system": "urn:id:hl7v2-message-control-id", "value": control_id}
@@ -166,11 +226,16 @@ def provenance(resources: list[dict], source: dict) -> dict:
 # No circular check: every object and list in a Bundle is a new one made by prune, which
 # fails on values nested too deeply, so none can hold itself (about a fifth of the encoding).
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+_SORTED = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False, sort_keys=True)
 
 
 def to_bytes(bundle: dict) -> bytes:
+    return _bytes(_ENCODER.encode(bundle))
+
+
+def _bytes(text: str) -> bytes:
     try:
-        return _ENCODER.encode(bundle).encode("utf-8")
+        return text.encode("utf-8")
     except UnicodeEncodeError:
         pass
     raise NotJSON("text that is not valid Unicode")

@@ -146,7 +146,6 @@ from collections.abc import Callable
 from datetime import UTC, tzinfo
 from urllib.parse import quote
 
-from interface_engine import hl7
 from interface_engine.channels.helpers import (
     Encoded, HelperError, TemplateMessage, TemplateSegment, hl7_to_iso, uuid5,
 )
@@ -197,6 +196,24 @@ class _Value:
             return len(self._parts)
         return len(_split(self._parts[component - 1], self._sub)) if 0 < component <= len(self._parts) else 0
 
+    def components(self, n: int) -> list[str]:
+        """``['', get(1), get(2), ... get(n)]`` (item c is component c), read in one pass: the
+        datatype maps take most of a value's components."""
+        sub, esc = self._sub, self._esc
+        out = [""]
+        for raw in self._parts[:n]:
+            if sub and sub in raw:
+                raw = raw.split(sub, 1)[0]
+            if not raw or raw == '""':
+                out.append("")
+            elif esc and esc in raw:
+                out.append(self._delimiters.unescape(raw, self._encoding).strip())
+            else:
+                out.append(raw.strip())
+        if len(out) <= n:
+            out += [""] * (n + 1 - len(out))
+        return out
+
     def get(self, component: int, sub: int = 1) -> str:
         """Decoded and trimmed; '' when missing or the v2 null ``""``."""
         parts = self._parts
@@ -226,16 +243,6 @@ def _split(text: str, sep: str) -> list[str]:
 def _nth(text: str, sep: str, n: int) -> str:
     parts = _split(text, sep)
     return parts[n - 1] if n <= len(parts) else ""
-
-
-def _field(segment: hl7.Segment, n: int) -> str:
-    """The encoded text of field ``n``; MSH-1/MSH-2 (delimiters, never a datatype) read as ''."""
-    parts = segment._fields()
-    if segment.name in _HEADER_IDS:
-        if n <= 2:
-            return ""
-        n -= 1
-    return parts[n] if n < len(parts) else ""
 
 
 def _put(out: dict, key: str, value) -> None:
@@ -333,15 +340,15 @@ class FHIRNamespace:
         header, systems = self._table("identifiers", "identifier-systems", "system")
         out = []
         for v in self._values(src, path, "identifiers"):
-            value = v.get(1)
-            if not value:
+            c = v.components(8)
+            if not c[1]:
                 continue
-            ident: dict = {"value": value}
-            _put(ident, "system", _identifier_system(systems, v.get(4, 1), v.get(4, 2), v.get(4, 3)))
-            code = v.get(5) or (type or "").strip()
+            ident: dict = {"value": c[1]}
+            _put(ident, "system", _identifier_system(systems, c[4], v.get(4, 2), v.get(4, 3)))
+            code = c[5] or (type or "").strip()
             if code:
                 ident["type"] = {"coding": [{"system": V2_0203, "code": code}]}
-            _put(ident, "period", _period(self._dt(v.get(7)), self._dt(v.get(8))))
+            _put(ident, "period", _period(self._dt(c[7]), self._dt(c[8])))
             out.append(ident)
         return out
 
@@ -357,19 +364,20 @@ class FHIRNamespace:
         header, uses = self._table("names", "v2-0200-name-use", "display")
         out = []
         for v in self._values(src, path, "names"):
+            c = v.components(15)
             name: dict = {}
-            _put(name, "family", v.get(1, 1))
-            _put(name, "given", [g for g in (v.get(2), v.get(3)) if g])
-            _put(name, "prefix", [p for p in (v.get(5),) if p])
-            _put(name, "suffix", [s for s in (v.get(4), v.get(6), v.get(14)) if s])
+            _put(name, "family", c[1])
+            _put(name, "given", [g for g in (c[2], c[3]) if g])
+            _put(name, "prefix", [c[5]] if c[5] else [])
+            _put(name, "suffix", [s for s in (c[4], c[6], c[14]) if s])
             if name:
-                _put(name, "use", _mapped(uses, v.get(7)))
-                start, end = v.get(12), v.get(13)
+                _put(name, "use", _mapped(uses, c[7]))
+                start, end = c[12], c[13]
                 if not (start or end):
-                    start, end = v.get(10, 1), v.get(10, 2)
+                    start, end = c[10], v.get(10, 2)
                 _put(name, "period", _period(self._dt(start), self._dt(end)))
                 out.append(name)
-            called = v.get(15)
+            called = c[15]
             if called:
                 out.append({"given": [called], "use": "nickname"})
         return out
@@ -382,21 +390,22 @@ class FHIRNamespace:
         header, types = self._table("addresses", "v2-0190-address-type", "display")
         out = []
         for v in self._values(src, path, "addresses"):
+            c = v.components(14)
             address: dict = {}
-            _put(address, "line", [x for x in (v.get(1, 1), v.get(1, 2), v.get(1, 3), v.get(2)) if x])
-            _put(address, "city", v.get(3))
-            _put(address, "district", v.get(9))
-            _put(address, "state", v.get(4))
-            _put(address, "postalCode", v.get(5))
-            _put(address, "country", v.get(6))
+            _put(address, "line", [x for x in (c[1], v.get(1, 2), v.get(1, 3), c[2]) if x])
+            _put(address, "city", c[3])
+            _put(address, "district", c[9])
+            _put(address, "state", c[4])
+            _put(address, "postalCode", c[5])
+            _put(address, "country", c[6])
             if not address:
                 continue
-            kind = v.get(7)
+            kind = c[7]
             _put(address, "use", _mapped(uses, kind))
             _put(address, "type", _mapped(types, kind))
-            start, end = v.get(13), v.get(14)
+            start, end = c[13], c[14]
             if not (start or end):
-                start, end = v.get(12, 1), v.get(12, 2)
+                start, end = c[12], v.get(12, 2)
             _put(address, "period", _period(self._dt(start), self._dt(end)))
             out.append(address)
         return out
@@ -409,11 +418,12 @@ class FHIRNamespace:
         header, uses = self._table("telecoms", "v2-0201-telecom-use", "display")
         out = []
         for v in self._values(src, path, "telecoms"):
-            equipment, email = v.get(3), v.get(4)
+            c = v.components(18)
+            equipment, email = c[3], c[4]
             if equipment in ("Internet", "X.400"):
-                value = email or (v.get(1) if "@" in v.get(1) else "")
+                value = email or (c[1] if "@" in c[1] else "")
             else:
-                value = v.get(12) or self._phone(v) or v.get(1)
+                value = c[12] or self._phone(c) or c[1]
                 if not value and not equipment:
                     value = email
             if not value:
@@ -425,21 +435,22 @@ class FHIRNamespace:
             else:  # FHIR wants a system with every value: an equipment type the table lacks is 'other'
                 point["system"] = (row["display"] if row else "") or "other"
             point["value"] = value
-            use = (row or {}).get("use") or _mapped(uses, v.get(2))
+            use = (row or {}).get("use") or _mapped(uses, c[2])
             _put(point, "use", use)
-            rank = _number(v.get(18))
+            rank = _number(c[18])
             if isinstance(rank, int) and rank > 0:
                 point["rank"] = rank
-            _put(point, "period", _period(self._dt(v.get(13)), self._dt(v.get(14))))
+            _put(point, "period", _period(self._dt(c[13]), self._dt(c[14])))
             out.append(point)
         return out
 
     @staticmethod
-    def _phone(v: _Value) -> str:
-        local = v.get(7)
+    def _phone(c: list[str]) -> str:
+        """XTN.5-8 (``c``: the XTN's components) as ``+1 555 5550100 X12``; '' without XTN.7."""
+        local = c[7]
         if not local:
             return ""
-        country, area, extension = v.get(5), v.get(6), v.get(8)
+        country, area, extension = c[5], c[6], c[8]
         parts = [f"+{country}" if country else "", area, local, f"X{extension}" if extension else ""]
         return " ".join(p for p in parts if p)
 
@@ -476,24 +487,25 @@ class FHIRNamespace:
         return found
 
     def _concept(self, v: _Value, default: str | None) -> dict | None:
+        c = v.components(20)
         codings = []
         for code_at, display_at, system_at, version_at, oid_at in _TRIPLETS:
-            code = v.get(code_at)
+            code = c[code_at]
             if not code:
                 continue
-            name, oid = v.get(system_at), v.get(oid_at)
+            name, oid = c[system_at], c[oid_at]
             system = self._system(name, oid) if (name or oid) else default
             coding: dict = {}
             if system:
                 coding["system"] = system
-                _put(coding, "version", v.get(version_at))
+                _put(coding, "version", c[version_at])
             coding["code"] = code
-            _put(coding, "display", v.get(display_at))
-            if not any(c.get("system") == system and c["code"] == code for c in codings):
+            _put(coding, "display", c[display_at])
+            if not any(k.get("system") == system and k["code"] == code for k in codings):
                 codings.append(coding)
         concept: dict = {}
         _put(concept, "coding", codings)
-        _put(concept, "text", v.get(9) or v.get(2))
+        _put(concept, "text", c[9] or c[2])
         return concept or None
 
     def _system(self, name: str, oid: str) -> str | None:
@@ -725,12 +737,19 @@ class FHIRNamespace:
             raise HelperError(f"fhir.{fn} reads msg or a segment (msg.segment('PID'), msg.segments('OBX'))")
         if segment is None:
             return []
-        text = _field(segment, p.field)
+        # The field's encoded text (MSH-1/MSH-2, the delimiters, read as ''): most reads end here, empty.
+        fields, n = segment._parts or segment._fields(), p.field  # split on the first read
+        if segment.name in _HEADER_IDS:
+            if n <= 2:
+                return []
+            n -= 1
+        text = fields[n] if n < len(fields) else ""
         if not text:
             return []
         d, encoding = message.delimiters, message.encoding
         if p.repetition is None and p.component is None:
-            reps = _split(text, d.repetition_sep)
+            sep = d.repetition_sep
+            reps = text.split(sep) if sep and sep in text else [text]
         else:
             reps = [_nth(text, d.repetition_sep, p.repetition or 1)]
         values = []
@@ -738,7 +757,8 @@ class FHIRNamespace:
             if not rep or rep == '""':
                 continue
             if p.component is None:
-                parts = _split(rep, d.component_sep)
+                sep = d.component_sep
+                parts = rep.split(sep) if sep else [rep]
             else:  # the sub-components of one component are the value's components
                 component = _nth(rep, d.component_sep, p.component)
                 if p.subcomponent is None:

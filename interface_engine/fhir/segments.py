@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from jinja2.utils import url_quote
 
-from interface_engine.channels.helpers import HelperError, TemplateSegment, uuid5
+from interface_engine.channels.helpers import Encoded, HelperError, TemplateSegment, uuid5
 from interface_engine.fhir.datatypes import V2_0203, UCUM, FHIRNamespace
 
 NULL = '""'
@@ -141,7 +141,7 @@ def _repetitions(seg: TemplateSegment, f: str) -> list[str]:
 
 def _segment(src, fn: str) -> TemplateSegment | None:
     if src is None or isinstance(src, TemplateSegment):
-        return src if src is None or src.name else None
+        return src if src is None or src._segment.name else None
     raise HelperError(f"fhir.{fn} reads a segment (msg.segment('PID'), a loop over msg.segments('NK1'))")
 
 
@@ -213,6 +213,21 @@ class FHIRHelpers(FHIRNamespace):
         if seg is None:
             return {"resources": [], "ref": None}
         xcn = seg._components(f)
+        text = seg[f]
+        # The same XCN in one segment (PV1-7 attending and PV1-17 admitting, often) is one
+        # Practitioner: made once, the same dict both times (the Bundle step adds it once).
+        # Encoded or decoded: a composite's text, or a decoded leaf, says all the XCN holds.
+        key = ("practitioner", isinstance(text, Encoded), text)
+        memo = seg._memo
+        if memo is not None and key in memo:
+            return memo[key]
+        made = self._practitioner(xcn)
+        if memo is None:
+            memo = seg._memo = {}
+        memo[key] = made
+        return made
+
+    def _practitioner(self, xcn) -> dict:
         idv = _text(xcn(1))
         family = _trimmed(xcn(2))
         given = _trimmed(xcn(3))
@@ -303,11 +318,25 @@ class FHIRHelpers(FHIRNamespace):
         pid = _segment(pid, "patient_id")
         if pid is None:
             raise HelperError("fhir.patient_id reads a PID segment")
+        return self._patient_key(pid)[1]
+
+    def _patient_key(self, pid: TemplateSegment) -> tuple[list[dict], str]:
+        """PID-3's Identifiers and the Patient id (see patient_id), read once per segment: a
+        mapping asks for the id first, for the resources that refer to the Patient, then for
+        the Patient. The Identifiers go into the Patient only, which nothing changes."""
+        memo = pid._memo
+        if memo is not None and "patient" in memo:
+            return memo["patient"]
         mrns = self.identifiers(pid, "PID-3")
         key = mrns[0] if mrns else self.identifier(pid, "PID-2") or self.identifier(pid, "PID-4")
         if key:
-            return uuid5("Patient", key.get("system"), key.get("value"))
-        return uuid5("Patient", "name", pid["PID-5.1.1"], pid["PID-5.2"], pid["PID-7.1"])
+            found = mrns, uuid5("Patient", key.get("system"), key.get("value"))
+        else:
+            found = mrns, uuid5("Patient", "name", pid["PID-5.1.1"], pid["PID-5.2"], pid["PID-7.1"])
+        if memo is None:
+            memo = pid._memo = {}
+        memo["patient"] = found
+        return found
 
     def patient(self, pid, pd1=None, contacts=(), links=(), active=None) -> dict:
         """PID[Patient] + PD1[Patient]: ``resources`` (PD1-4 Practitioners, the PD1-3 Organization, the
@@ -318,10 +347,7 @@ class FHIRHelpers(FHIRNamespace):
         pd1 = _segment(pd1, "patient")
         if pid is None:
             raise HelperError("fhir.patient reads a PID segment")
-        mrns = self.identifiers(pid, "PID-3")
-        key = mrns[0] if mrns else self.identifier(pid, "PID-2") or self.identifier(pid, "PID-4")
-        patient_id = (uuid5("Patient", key.get("system"), key.get("value")) if key
-                      else uuid5("Patient", "name", pid["PID-5.1.1"], pid["PID-5.2"], pid["PID-7.1"]))
+        mrns, patient_id = self._patient_key(pid)
         identifiers = self.identifiers(pid, "PID-2") + mrns + self.identifiers(pid, "PID-4")
         ssn = pid["PID-19"]
         if ssn and ssn != NULL:
@@ -453,7 +479,19 @@ class FHIRHelpers(FHIRNamespace):
         pv1 = _segment(pv1, "encounter_id")
         if pv1 is None:
             return None
-        return self._encounter_id(pv1, self.identifier(pv1, "PV1-19"), patient_id)
+        return self._encounter_id(pv1, self._visit(pv1), patient_id)
+
+    def _visit(self, pv1: TemplateSegment) -> dict | None:
+        """PV1-19 as an Identifier, read once per segment (for encounter_id, then encounter, which
+        copies it)."""
+        memo = pv1._memo
+        if memo is not None and "visit" in memo:
+            return memo["visit"]
+        visit = self.identifier(pv1, "PV1-19")
+        if memo is None:
+            memo = pv1._memo = {}
+        memo["visit"] = visit
+        return visit
 
     @staticmethod
     def _encounter_id(pv1: TemplateSegment, visit: dict | None, patient_id) -> str | None:
@@ -473,7 +511,7 @@ class FHIRHelpers(FHIRNamespace):
         pv1, pv2 = _segment(pv1, "encounter"), _segment(pv2, "encounter")
         if pv1 is None:
             return {"resources": [], "id": None, "ref": None}
-        visit = self.identifier(pv1, "PV1-19")
+        visit = self._visit(pv1)
         eid = self._encounter_id(pv1, visit, patient_id)
         if not eid:
             return {"resources": [], "id": None, "ref": None}

@@ -31,6 +31,7 @@ from .header import Header, peek, peek_text
 from .path import Path, parse_path, pick
 
 _HEADER_IDS = frozenset({"MSH", "FHS", "BHS"})
+_NONE: list[int] = []  # no occurrences; never changed
 
 
 def _is_id(name: str) -> bool:
@@ -150,7 +151,7 @@ def _split(value: str, sep: str, n: int, what: str) -> list[str]:
 class Message:
     """A parsed message; see the module docstring for the reading and writing rules."""
 
-    __slots__ = ("header", "encoding", "delimiters", "_lines", "_segments", "_index")
+    __slots__ = ("header", "encoding", "delimiters", "_lines", "_segments", "_names", "_index")
 
     def __init__(self, text: str, header: Header, encoding: str):
         self.header = header
@@ -160,21 +161,35 @@ class Message:
             text = text.replace("\r\n", "\r").replace("\n", "\r")
         self._lines = [line for line in text.split("\r") if line]
         self._segments: list[Segment | None] = [None] * len(self._lines)
+        self._names: list[str] | None = None
         self._index: dict[str, list[int]] = {}
 
     def __repr__(self) -> str:
         return f"<Message {self.header.message_type}^{self.header.trigger_event} {len(self._lines)} segments>"
 
+    def _line_names(self) -> list[str]:
+        """Each line's segment id ('' for a line that is not a segment), and the index of the
+        lines by id: both found in one pass, on the first request for a segment."""
+        names = self._names
+        if names is None:
+            fs = self.delimiters.field_sep
+            names = self._names = [line[:3] if (len(line) == 3 or line[3:4] == fs) and _is_id(line[:3]) else ""
+                                   for line in self._lines]
+            index = self._index
+            for i, name in enumerate(names):
+                if name:
+                    found = index.get(name)
+                    if found is None:
+                        index[name] = [i]
+                    else:
+                        found.append(i)
+        return names
+
     def _occurrences(self, name: str) -> list[int]:
-        """Line numbers of the segments with this id, found on first request."""
-        found = self._index.get(name)
-        if found is None:
-            if not _is_id(name):
-                return []
-            key = name + self.delimiters.field_sep
-            found = self._index[name] = [i for i, line in enumerate(self._lines)
-                                         if line.startswith(key) or line == name]
-        return found
+        """Line numbers of the segments with this id."""
+        if self._names is None:
+            self._line_names()
+        return self._index.get(name, _NONE)
 
     def _segment_at(self, i: int, name: str) -> Segment:
         seg = self._segments[i]
@@ -214,19 +229,15 @@ class Message:
         """All segments with this id, in order; with no id, every line, non-segments included."""
         if name is not None:
             return [self._segment_at(i, name) for i in self._occurrences(name)]
-        fs = self.delimiters.field_sep
-        return [self._segment_at(i, line[:3] if (len(line) == 3 or line[3:4] == fs) and _is_id(line[:3]) else "")
-                for i, line in enumerate(self._lines)]
+        return [self._segment_at(i, name) for i, name in enumerate(self._line_names())]
 
     def lines(self) -> list[tuple[str, str]]:
         """(segment id, or '' for a line that is not a segment; its text) of every line, in order.
 
         What ``segments()`` gives, without making a Segment of each line.
         """
-        fs = self.delimiters.field_sep
-        return [(line[:3] if (len(line) == 3 or line[3:4] == fs) and _is_id(line[:3]) else "",
-                 line if seg is None else seg.text)
-                for line, seg in zip(self._lines, self._segments, strict=True)]
+        return [(name, line if seg is None else seg.text)
+                for name, line, seg in zip(self._line_names(), self._lines, self._segments, strict=True)]
 
     def copy(self) -> Message:
         """A message with this one's text (values written included) and header, without parsing again."""
@@ -235,7 +246,9 @@ class Message:
         copy._lines = [line if seg is None else seg.text
                        for line, seg in zip(self._lines, self._segments, strict=True)]
         copy._segments = [None] * len(copy._lines)
-        copy._index = {}
+        # Writes never change a line's segment id: ids found already, and their index, are shared
+        # (never changed once found).
+        copy._names, copy._index = (self._names, self._index) if self._names is not None else (None, {})
         return copy
 
     def to_text(self) -> str:

@@ -75,6 +75,13 @@ def test_hl7_datetime(mappings, msg, value, expected):
     assert render(mappings, "{{ hl7_datetime(v) }}", msg, variables={"v": value}) == expected
 
 
+def test_hl7_datetime_offsets_of_whole_minutes_are_rounded_down(mappings, msg):
+    """New York's local mean time before 1883 was 4:56:02 behind UTC: written as whole minutes, -04:57."""
+    assert render(mappings, "{{ '185001011200' | hl7_datetime }}", msg) == "1850-01-01T12:00:00-04:57"
+    assert render(mappings, "{{ '185001011200' | hl7_datetime }}", msg, timezone="Asia/Kolkata") \
+        == "1850-01-01T12:00:00+05:53"
+
+
 def test_hl7_datetime_uses_the_render_time_zone(mappings, msg):
     source = "{{ '202601151230' | hl7_datetime }} {{ msg['OBR-7'] | hl7_datetime }} {{ '20260115' | hl7_datetime }}"
     assert render(mappings, source, msg) == "2026-01-15T12:30:00-05:00 " * 2 + "2026-01-15"
@@ -309,6 +316,16 @@ def test_uuid5_gives_the_ids_of_uuid_uuid5(parts):
 
     name = "|".join("" if p is None else str(p) for p in parts)
     assert uuid5(*parts) == str(uuid.uuid5(ENGINE_NAMESPACE, name))
+
+
+def test_uuid5_text_gives_the_ids_of_uuid_uuid5_for_any_namespace():
+    import uuid
+
+    from interface_engine.channels.helpers import uuid5_text
+
+    for n in range(2000):  # every version and variant digit SHA-1 can give
+        namespace = uuid.UUID(int=n * 0x9E3779B97F4A7C15 % (1 << 128))
+        assert uuid5_text(namespace.bytes, f"name {n}") == str(uuid.uuid5(namespace, f"name {n}"))
 
 
 def test_a_composite_read_once_gives_each_component_as_its_path_read():

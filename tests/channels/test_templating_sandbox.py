@@ -49,6 +49,12 @@ ESCAPES = [
     "msg.raw.format_map.__self__",
     "channel.__class__.__subclasses__()",
     "channel.clear()",
+    "namespace(a=1)._Namespace__attrs",
+    "namespace(a=1).__class__",
+    "fhir._tables",
+    "fhir._found",
+    "fhir.__class__",
+    "msg.segment('PID')._fields",
 ]
 
 
@@ -151,3 +157,17 @@ def test_sandbox_messages_do_not_quote_item_keys(mappings):
         with pytest.raises(TemplateError) as e:
             mappings.render_string(source, msg, variables={"channel": {}})
         assert "SECRET" not in str(e.value)
+
+
+def test_a_namespace_reads_as_jinja_reads_it(mappings):
+    """ns.x from the namespace's own values: a missing or undefined one is an error naming it, and a
+    str.format kept in one is still the sandbox's."""
+    msg = hl7.parse(ADT)
+    assert mappings.render_string("{% set ns = namespace(a=[1], b=none) %}{% set ns.a = ns.a + [2] %}"
+                                  "{{ ns.a }} {{ ns.b }}", msg) == "[1, 2]"
+    for source in ("{% set ns = namespace(a=1) %}{{ ns.b }}", "{% set ns = namespace(a=nothing) %}{{ ns.a }}"):
+        with pytest.raises(TemplateError, match="undefined"):
+            mappings.render_string(source, msg)
+    with pytest.raises(SandboxViolation):
+        mappings.render_string("{% set ns = namespace(f=f) %}{{ ns.f(msg) }}", msg,
+                               variables={"f": "{0.__class__.__mro__}".format})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from interface_engine.fhir.bundle import BundleError, NotJSON, build, prune, to_bytes
+from interface_engine.fhir.bundle import BundleError, NotJSON, build, prune, to_bytes, transaction
 
 SOURCE = {"application": "ADT_APP", "facility": "GEN", "control_id": "C1", "sha256": "ab",
           "type": "ADT^A01", "recorded": "2026-01-01T12:00:00-05:00"}
@@ -19,10 +19,47 @@ class Text(str):
     pass
 
 
-def test_prune_with_sort_keys_gives_what_tojson_and_json_loads_would():
+def test_prune_gives_plain_json_values_in_the_order_given():
     value = {"b": (1, Text("x"), 2.5, True), "a": {"d": "", "c": [None, {"f": 1, "e": 2}]}, "z": None}
-    assert json.dumps(prune(value, sort_keys=True)) == '{"a": {"c": [{"e": 2, "f": 1}]}, "b": [1, "x", 2.5, true]}'
-    assert list(prune(value)) == ["b", "a"]
+    assert json.dumps(prune(value)) == '{"b": [1, "x", 2.5, true], "a": {"c": [{"f": 1, "e": 2}]}}'
+    assert type(prune(value)["b"][1]) is str
+
+
+def _entries(bundle: bytes) -> list[str]:
+    return [json.dumps(e["resource"]) for e in json.loads(bundle, object_pairs_hook=dict)["entry"]]
+
+
+@pytest.mark.parametrize("sort_keys", [True, False])
+def test_the_bundle_as_json_is_the_built_bundle_written_out(sort_keys):
+    """transaction() writes what to_bytes(build()) would: a template's keys sorted as tojson would have
+    (sort_keys), parsed JSON's in their order; merged resources as merge leaves them."""
+    rendered = {"resources": [
+        {"resourceType": "Patient", "id": "p1", "name": [{"given": ["A"], "family": "Z"}], "gender": "",
+         "address": [{"line": ["1"], "city": "X"}]},
+        {"resourceType": "Practitioner", "id": "d1", "name": [{"family": "W"}]},
+        {"resourceType": "Patient", "id": "p1", "birthDate": "2000", "name": [{"family": "Y"}], "active": True},
+        {"resourceType": "Patient", "id": "p1", "telecom": [{"value": "1", "system": "phone"}]},
+        {"resourceType": "Location", "id": "l1", "name": "ward é", "description": None},
+    ]}
+    out = transaction(rendered, SOURCE, sort_keys=sort_keys)
+    assert out == to_bytes(build(rendered, SOURCE, sort_keys=sort_keys))
+    patient, practitioner, location, _ = _entries(out)
+    if sort_keys:
+        assert practitioner == '{"id": "d1", "name": [{"family": "W"}], "resourceType": "Practitioner"}'
+        assert patient == ('{"address": [{"city": "X", "line": ["1"]}], "id": "p1", "name": [{"family": "Z", '
+                           '"given": ["A"]}, {"family": "Y"}], "resourceType": "Patient", "active": true, '
+                           '"birthDate": "2000", "telecom": [{"system": "phone", "value": "1"}]}')
+    else:
+        assert practitioner == '{"resourceType": "Practitioner", "id": "d1", "name": [{"family": "W"}]}'
+        assert patient.startswith('{"resourceType": "Patient", "id": "p1", "name": [{"given": ["A"], "family": "Z"}')
+    assert json.loads(out)["entry"][2]["request"] == {"method": "PUT", "url": "Location/l1"}
+    assert out.decode("utf-8").count("ward é") == 1
+
+
+def test_keys_that_are_not_all_text_are_not_json_even_when_they_cannot_be_sorted():
+    with pytest.raises(NotJSON):
+        transaction({"resources": [{"resourceType": "Patient", "id": "p1", "x": {1: "a", "b": 2}}]}, SOURCE,
+                    sort_keys=True)
 
 
 @pytest.mark.parametrize("value", [
@@ -50,6 +87,8 @@ def test_a_resource_that_is_not_an_object_is_an_error_not_a_crash():
 def test_text_that_is_not_unicode_is_refused():
     with pytest.raises(NotJSON):
         to_bytes({"a": "\ud800"})
+    with pytest.raises(NotJSON):
+        transaction({"resources": [{"resourceType": "Patient", "id": "p1", "a": "\ud800"}]}, SOURCE, sort_keys=True)
 
 
 def test_resources_become_put_entries_and_a_provenance_is_added():
@@ -131,3 +170,16 @@ def test_values_json_cannot_carry_as_built_go_the_json_render_way(tmp_path):
     failed = _fhir_delivery(tmp_path, '{%% set n = (msg["MSH-99"] ~ "nan") | float %%}{{ {"resources": [dict(%s}, x=n)]} | tojson }}'
                             % PATIENT)
     assert failed.state == "error" and "did not render valid JSON: NaN and Infinity are not JSON" in failed.error
+
+
+@pytest.mark.parametrize("sort_keys", [True, False])
+def test_one_value_given_twice_is_one_resource_as_a_copy_of_it_would_be(sort_keys):
+    """A helper gives the same dict for the same XCN twice in a segment; the Bundle is the one an
+    equal copy would give (merged into the first, it adds nothing)."""
+    doctor = {"resourceType": "Practitioner", "id": "d1", "name": [{"given": ["A"], "family": "W"}], "x": None}
+    patient = {"resourceType": "Patient", "id": "p1", "generalPractitioner": [{"reference": "Practitioner/d1"}]}
+    same = transaction({"resources": [doctor, patient, doctor]}, SOURCE, sort_keys=sort_keys)
+    copied = transaction({"resources": [doctor, patient, dict(doctor)]}, SOURCE, sort_keys=sort_keys)
+    assert same == copied == to_bytes(build({"resources": [doctor, patient, dict(doctor)]}, SOURCE,
+                                            sort_keys=sort_keys))
+    assert [e["request"]["url"] for e in json.loads(same)["entry"]][:2] == ["Practitioner/d1", "Patient/p1"]

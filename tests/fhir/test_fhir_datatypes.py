@@ -758,3 +758,21 @@ def test_text(mappings, path, sep, expected):
 def test_text_needs_a_string_separator(mappings):
     with pytest.raises(TemplateError, match="sep"):
         ev(mappings, "fhir.text(msg.segment('OBX'), '5', 1)", message("OBX|1|ST|X||a"))
+
+
+def test_a_value_read_in_one_pass_gives_each_component_as_get_does():
+    """The datatype maps read most components of a value at once (components); every item must be
+    what get gives: the first sub-component, decoded, trimmed, the null and missing ones ''."""
+    from interface_engine.channels.helpers import TemplateMessage
+    from interface_engine.fhir.datatypes import FHIRNamespace
+
+    msg = message(seg("PID", {3: ' A1 ^""^^GEN&1.2&ISO^ MR &x^\\T\\b\\F\\^^^^^^^^^^^^^^^^^^^^z~^^&2~""~B',
+                              5: "&&", 11: "x"}))
+    pid = TemplateMessage(msg).segment("PID")
+    for path in ("PID-3", "PID-5", "PID-11", "PID-3.4", "PID-3[2]"):
+        for v in FHIRNamespace._values(pid, path, "test"):
+            for n in (0, 1, 5, 8, 25):
+                got = v.components(n)
+                assert len(got) == n + 1 and got[0] == ""
+                assert got[1:] == [v.get(c) for c in range(1, n + 1)], (path, n)
+    assert FHIRNamespace._values(pid, "PID-3", "test")[0].components(6)[1:] == ["A1", "", "", "GEN", "MR", "&b|"]

@@ -204,3 +204,20 @@ def test_hd_system_follows_the_cx4_rule(args, system):
 def test_a_wrong_argument_is_a_template_error_naming_the_helper(expression, reason):
     with pytest.raises(TemplateError, match=reason):
         run(expression)
+
+
+def test_the_same_xcn_twice_in_a_segment_is_one_practitioner():
+    """PV1-7 and PV1-17 naming the same doctor give one Practitioner (made once); an escaped '&' and a
+    sub-component separator are not the same XCN."""
+    fields = {2: "I", 7: "22^WELBY^MARCUS", 8: "A\\T\\B^X", 9: "A&B^X", 17: "22^WELBY^MARCUS", 19: "V1^^^GEN^VN"}
+    pv1 = "|".join(["PV1"] + [fields.get(n, "") for n in range(1, 20)])
+    msg = hl7.parse(("\r".join([LINES[0], pv1]) + "\r").encode())
+    text = _mappings.render_string("{{ fhir.encounter(msg.segment('PV1'), none, 'p1') | tojson }}", msg, timezone="UTC")
+    made = json.loads(text)
+    doctors = [r for r in made["resources"] if r["resourceType"] == "Practitioner"]
+    assert [d["identifier"][0]["value"] for d in doctors] == ["22", "A&B", "A", "22"]
+    assert doctors[0] == doctors[3] and doctors[1]["id"] != doctors[2]["id"]
+    assert _mappings.render_string("{% set r = fhir.encounter(msg.segment('PV1'), none, 'p1').resources %}"
+                                   "{{ r[0] is sameas r[3] }} {{ r[1] is sameas r[2] }}", msg) == "True False"
+    assert [p["type"][0]["coding"][0]["code"] for p in made["resources"][-1]["participant"]] == \
+        ["ATND", "REF", "CON", "ADM"]

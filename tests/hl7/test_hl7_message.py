@@ -317,3 +317,19 @@ def test_a_copy_carries_written_values_and_is_written_apart():
     assert copy.to_text() == original.to_text().replace(f"|{original['MSH-5']}|", "|ELSEWHERE|", 1)
     assert [name for name, _ in copy.lines()] == [s.name for s in original.segments()]
     assert [text for _, text in original.lines()] == [s.text for s in original.segments()]
+    fresh = parse(adt_a01("CPY2")).copy()   # copied before any segment was looked up
+    assert fresh.segment("PID") is not None and len(fresh.segments("PID")) == 1
+
+
+def test_segments_are_found_by_their_id_and_separator_only():
+    """A line is a segment when it starts with an id (three capitals or digits) and the field
+    separator, or is the id alone; any other line reads as a line without a name."""
+    msg = parse(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.5\r"
+                b"PID|1\rPIDX|2\rpid|3\rNK1\rZ01|4\rPI|5\rNK1|6\r  PID|7\r123|8\r")
+    assert [s.name for s in msg.segments()] == ["MSH", "PID", "", "", "NK1", "Z01", "", "NK1", "", "123"]
+    assert [s.text for s in msg.segments("NK1")] == ["NK1", "NK1|6"]
+    assert [s["1"] for s in msg.segments("PID")] == ["1"]
+    assert msg.segment("123")["1"] == "8" and msg.segment("Z01")["1"] == "4"
+    for name in ("pid", "PIDX", "PI", "", "ZZZ"):
+        assert msg.segments(name) == [] and msg.segment(name) is None
+    assert msg.segment("NK1") is msg.segments()[4] and msg.segments("NK1")[1] is msg.segments()[7]
