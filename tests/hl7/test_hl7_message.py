@@ -317,8 +317,9 @@ def test_a_copy_carries_written_values_and_is_written_apart():
     assert copy.to_text() == original.to_text().replace(f"|{original['MSH-5']}|", "|ELSEWHERE|", 1)
     assert [name for name, _ in copy.lines()] == [s.name for s in original.segments()]
     assert [text for _, text in original.lines()] == [s.text for s in original.segments()]
-    fresh = parse(adt_a01("CPY2")).copy()   # copied before any segment was looked up
-    assert fresh.segment("PID") is not None and len(fresh.segments("PID")) == 1
+    unread = parse(adt_a01("CPY2"))
+    fresh = unread.copy()   # copied before any segment was looked up: each finds its own
+    assert len(fresh.segments("PID")) == 1 and len(unread.segments("PID")) == 1
 
 
 def test_segments_are_found_by_their_id_and_separator_only():
