@@ -12,10 +12,9 @@ otherwise commit that one alone and the other fifteen in a second transaction.
 
 Other work on the store (a channel's processing results, delivery attempts, queue
 reads) goes through the same thread: `submit(item, store.method)` queues `item` for
-a store method that takes a list and returns one result per item. The writes of one
-cycle (messages, processing results, attempt records) share one transaction, so one
-fsync, each kind in a savepoint of its own: a failure in one kind never costs another
-its commit. Everything else runs after that commit, so a queue read sees it.
+a store method that takes a list and returns one result per item. Each kind is
+written in its own transaction, so a failure in one kind never costs another its
+commit.
 """
 
 from __future__ import annotations
@@ -50,8 +49,6 @@ class GroupCommitter:
         self._stopped: defer.Deferred | None = None
         self._drained: list[defer.Deferred] = []
         self._gathering: list | None = None
-        #: the write methods whose items of one cycle share a transaction (see _commit_together)
-        self._shared = {store.write, store.save_processing, store.record_attempts}
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -112,12 +109,7 @@ class GroupCommitter:
             kinds: dict = {}
             for method, item, d in batch:
                 kinds.setdefault(method, []).append((item, d))
-            shared = {m: e for m, e in kinds.items() if m in self._shared}
-            if shared:
-                self._commit_together(shared)
             for method, entries in kinds.items():
-                if method in shared:
-                    continue
                 started = time.perf_counter()
                 try:
                     results = method([item for item, _ in entries])
@@ -128,27 +120,6 @@ class GroupCommitter:
                     self._observe(method, seconds)
                     self.reactor.callFromThread(self._deliver, entries, results, seconds)
         self.reactor.callFromThread(self._finished)
-
-    def _commit_together(self, kinds: dict):
-        """The write kinds of one cycle in one transaction; a kind that fails is undone alone."""
-        started = time.perf_counter()
-        done, failed = [], []
-        try:
-            with self.store.shared_transaction():
-                for method, entries in kinds.items():
-                    try:
-                        done.append((method, entries, method([item for item, _ in entries])))
-                    except Exception as error:
-                        failed.append((method, entries, error))
-        except Exception as error:  # the commit failed: nothing of this cycle is durable
-            failed += [(method, entries, error) for method, entries, _ in done]
-            done = []
-        seconds = time.perf_counter() - started
-        for method, entries, results in done:
-            self._observe(method, seconds)
-            self.reactor.callFromThread(self._deliver, entries, results, seconds)
-        for method, entries, error in failed:
-            self.reactor.callFromThread(self._fail, entries, error, method)
 
     def _observe(self, method, seconds: float):
         child = self._latency_of.get(method)

@@ -141,13 +141,7 @@ def write_transaction(conn):
 
     Its reads and writes then see one state, and ids reserved in it (see
     Store.reserve_ids) cannot be taken by another writer before it commits.
-    Inside one already begun (Store.shared_transaction) it is a savepoint of it:
-    its failure undoes its own writes only.
     """
-    if conn.in_transaction():
-        with conn.begin_nested():
-            yield
-        return
     with conn.begin():
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -325,16 +319,6 @@ class Store:
             if self.audit:
                 self.audit.stored(conn, batch, outcomes, now)
         return outcomes
-
-    @contextmanager
-    def shared_transaction(self):
-        """One commit for the write methods called inside it, each in a savepoint of its own.
-
-        The group committer's cycle: ingest, processing results and attempt
-        records share one transaction (one fsync) instead of one each.
-        """
-        with write_transaction(self._writer()):
-            yield
 
     def _writer(self) -> sa.Connection:
         """The write path's own connection: no pool round trip per batch.
