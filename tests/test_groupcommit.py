@@ -40,3 +40,14 @@ class GroupCommitterTests(unittest.TestCase):
         self.addCleanup(reader.close)
         self.assertEqual(reader.count_messages(), 1)
         self.assertEqual(reader.get_message(outcome.message_id)["control_id"], "GC1")
+
+    @defer.inlineCallbacks
+    def test_messages_commit_first_in_a_cycle_whatever_was_asked_before_them(self):
+        (stored,) = self.store.write([incoming("GC2")])
+        order = []
+        heads = self.committer.submit(("adt", "out", 10), self.store.queue)
+        heads.addCallback(lambda r: order.append("queue read") or r)
+        message = self.committer.submit(incoming("GC3"))
+        message.addCallback(lambda r: order.append("message") or r)
+        yield defer.gatherResults([heads, message])
+        self.assertEqual(order, ["message", "queue read"])

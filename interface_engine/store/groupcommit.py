@@ -14,7 +14,8 @@ Other work on the store (a channel's processing results, delivery attempts, queu
 reads) goes through the same thread: `submit(item, store.method)` queues `item` for
 a store method that takes a list and returns one result per item. Each kind is
 written in its own transaction, so a failure in one kind never costs another its
-commit.
+commit, and messages go first, so their ACKs never wait for the other kinds (sharing
+one transaction among all kinds was measured slower for that reason).
 """
 
 from __future__ import annotations
@@ -106,10 +107,13 @@ class GroupCommitter:
                     stopping = True
                     break
                 batch.extend(more)
-            kinds: dict = {}
+            # Messages first: their senders wait for the commit, the rest of the cycle can wait.
+            kinds: dict = {self.store.write: []}
             for method, item, d in batch:
                 kinds.setdefault(method, []).append((item, d))
             for method, entries in kinds.items():
+                if not entries:
+                    continue
                 started = time.perf_counter()
                 try:
                     results = method([item for item, _ in entries])
