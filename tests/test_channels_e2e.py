@@ -389,14 +389,14 @@ def test_sends_in_the_sent_journal_are_recorded_at_start_and_not_sent_again(setu
 
 
 def children(pid: int) -> list[int]:
-    """The worker processes `pid` started (not Python's resource tracker), from whichever of its threads."""
+    """The channel processor processes `pid` started, from whichever of its threads."""
     found = []
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 for child in f.read().split():
                     with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                        if b"spawn_main" in cmdline.read():
+                        if b"interface_engine.channels.processor" in cmdline.read():
                             found.append(int(child))
         except FileNotFoundError:
             continue   # a thread or process that ended meanwhile

@@ -12,12 +12,10 @@ them (`store.Processed`), in order. The channel set travels once per version
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import pickle
+import subprocess
+import sys
 from dataclasses import dataclass
 
 from twisted.logger import Logger
@@ -31,7 +29,6 @@ from .templating import Mappings
 log = Logger()
 
 _versions = itertools.count(1)
-ORPHAN_CHECK = 0.5   # seconds between the child's looks at whether the engine still runs
 
 
 @dataclass(frozen=True)
@@ -77,21 +74,25 @@ class InProcess:
 
 
 class OwnProcess:
-    """Processing in one child process; called from one thread at a time (the runtime's processor)."""
+    """Processing in one child process, over a pipe; called from one thread at a time (the runtime's processor).
+
+    A plain child (``python -m interface_engine.channels.processor``) rather than a
+    multiprocessing pool: no semaphores or resource tracker, and a child whose
+    engine dies sees its pipe end and exits.
+    """
 
     def __init__(self, charsets: dict):
         self.charsets = charsets
-        self._pool: ProcessPoolExecutor | None = None
+        self._child: subprocess.Popen | None = None
         self._known = 0   # the newest snapshot version the child has
 
     def start(self):
         """Start the child now (it takes about half a second), so the first message does not wait for it."""
-        if self._pool is None:
-            # spawn: a fork would copy the reactor's and the writer's threads mid-flight
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start, initargs=(self.charsets, os.getpid()))
+        if self._child is None:
+            self._child = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, close_fds=True)
             self._known = 0
-            self._pool.submit(_ready).result()
+            self._ask(("start", self.charsets))
 
     def __call__(self, batch, snapshot: Snapshot) -> list[Processed]:
         for last in (False, True):
@@ -99,10 +100,9 @@ class OwnProcess:
             sent = None if snapshot.version == self._known else (
                 snapshot.channels, snapshot.mappings.directory, snapshot.mappings.timezone)
             try:
-                results = self._pool.submit(_process, batch, snapshot.version, sent).result()
-            except BrokenProcessPool:
-                self._pool.shutdown(wait=False)
-                self._pool = None
+                results = self._ask(("batch", batch, snapshot.version, sent))
+            except ChildGone:
+                self._end()
                 if last:
                     log.error("the channel processor process ended twice on a batch of {count} messages; "
                               "they stay received and are processed again at the next start or reload",
@@ -113,36 +113,70 @@ class OwnProcess:
             self._known = snapshot.version
             return results
 
+    def _ask(self, request):
+        child = self._child
+        try:
+            pickle.dump(request, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            child.stdin.flush()
+            answer, value = pickle.load(child.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            raise ChildGone() from None
+        if answer == "error":
+            raise RuntimeError(f"channel processor: {value}")
+        return value
+
+    def _end(self):
+        child, self._child = self._child, None
+        if child is None:
+            return
+        for stream in (child.stdin, child.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
     def close(self):
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self._end()   # its stdin closed, the child ends
+
+
+class ChildGone(Exception):
+    """The child process ended or its pipe broke."""
 
 
 # -- in the child process ---------------------------------------------------------------
 
-_child: dict = {}
+def _serve(requests, answers):
+    """Answer requests until the engine closes the pipe (or is gone)."""
+    charsets, snapshot = {}, None
+    while True:
+        try:
+            request = pickle.load(requests)
+        except EOFError:
+            return
+        kind = request[0]
+        try:
+            if kind == "start":
+                charsets, value = request[1], None
+            else:
+                _, batch, version, sent = request
+                if sent is not None:
+                    channels, directory, timezone = sent
+                    snapshot = Snapshot(version, channels, Mappings(directory, timezone=timezone))
+                value = process(batch, snapshot, charsets)
+            answer = ("ok", value)
+        except Exception as error:  # reported to the engine by type only: the text may quote content
+            answer = ("error", type(error).__name__)
+        pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
+        answers.flush()
 
 
-def _start(charsets: dict, engine: int):
-    _child["charsets"] = charsets
-    threading.Thread(target=_end_with, args=(engine,), name="engine-watch", daemon=True).start()
-
-
-def _end_with(engine: int):
-    """Exit once the engine is gone (killed, it cannot say so): a child must not outlive it."""
-    while os.getppid() == engine:
-        time.sleep(ORPHAN_CHECK)
-    os._exit(0)
-
-
-def _ready():
-    pass
-
-
-def _process(batch, version: int, sent) -> list[Processed]:
-    snapshot = _child.get("snapshot")
-    if sent is not None:
-        channels, directory, timezone = sent
-        snapshot = _child["snapshot"] = Snapshot(version, channels, Mappings(directory, timezone=timezone))
-    return process(batch, snapshot, _child["charsets"])
+if __name__ == "__main__":
+    # The pipe to the engine is this process's own: anything printed goes to stderr instead.
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    _serve(sys.stdin.buffer, answers)
