@@ -47,10 +47,15 @@ def prune(value):
     numbers other than NaN and Infinity, booleans; anything else raises NotJSON.
     Keys keep their order (see _sorted).
     """
+    return _walk(_pruned, value)
+
+
+def _walk(walker, value):
+    """`walker(value)`, with a value nested past Python's recursion limit refused as not JSON."""
     try:
-        return _pruned(value)
+        return walker(value)
     except RecursionError:
-        pass
+        pass   # raised outside the handler, so the error does not carry the deep traceback
     raise NotJSON("nested too deeply")
 
 
@@ -150,11 +155,7 @@ def _collect(rendered: dict, sort_keys: bool) -> tuple[list[dict], list[bool]]:
 def _sorted(value):
     """A pruned value with every object's keys sorted, as a template's ``tojson`` would have written
     them (to merge resources as written; the JSON writer sorts the others)."""
-    try:
-        return _sorted_copy(value)
-    except RecursionError:
-        pass
-    raise NotJSON("nested too deeply")
+    return _walk(_sorted_copy, value)
 
 
 def _sorted_copy(value):
