@@ -163,32 +163,41 @@ class TemplateSegment:
             return ""
         d: Delimiters = self._message.delimiters
         fields = segment._parts or segment._fields()  # split on the first read
-        n = p.field
+        _, _, n, repetition, component, subcomponent = p
         if name in _HEADER_IDS:
             if n <= 2:
-                if (p.repetition or 1, p.component or 1, p.subcomponent or 1) != (1, 1, 1):
+                if (repetition or 1, component or 1, subcomponent or 1) != (1, 1, 1):
                     return ""
                 return Encoded(d.field_sep if n == 1 else (fields[1] if len(fields) > 1 else ""))
             n -= 1
         if n >= len(fields):
             return ""
         value = fields[n]
-        if p.repetition is None and p.component is None:
-            seps = d.structural
+        if repetition is None and component is None:
+            composite = False
+            for sep in d.structural:
+                if sep in value:
+                    composite = True
+                    break
         else:
-            value = _nth(value, d.repetition_sep, p.repetition or 1)
-            if p.component is None:
-                seps = (d.component_sep, d.subcomponent_sep)
+            sep = d.repetition_sep
+            if repetition and repetition > 1:
+                value = _nth(value, sep, repetition)
+            elif sep:  # the first repetition, which most paths read: _nth(value, sep, 1)
+                value = value.partition(sep)[0]
+            sub = d.subcomponent_sep
+            if component is None:
+                sep = d.component_sep
+                composite = (sep and sep in value) or (sub and sub in value)
             else:
-                value = _nth(value, d.component_sep, p.component)
-                if p.subcomponent is None:
-                    seps = (d.subcomponent_sep,)
+                value = _nth(value, d.component_sep, component)
+                if subcomponent is None:
+                    composite = sub and sub in value
                 else:
-                    value = _nth(value, d.subcomponent_sep, p.subcomponent)
-                    seps = ()
-        for c in seps:
-            if c and c in value:
-                return Encoded(d.escape_controls(value))
+                    value = _nth(value, sub, subcomponent)
+                    composite = False
+        if composite:
+            return Encoded(d.escape_controls(value))
         esc = d.escape_char
         return d.unescape(value, self._message.encoding) if esc and esc in value else value
 

@@ -15,6 +15,8 @@ import re
 import uuid
 from datetime import datetime, timezone
 
+import orjson
+
 from interface_engine.channels.helpers import uuid5_text
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -45,7 +47,8 @@ def prune(value):
     One walk that also checks that `value` is plain JSON, for a template's values
     that were never written as text: dicts with text keys, lists (or tuples), text,
     numbers other than NaN and Infinity, booleans; anything else raises NotJSON.
-    Keys keep their order (see _sorted).
+    Keys keep their order (see _sorted). Floats that Python writes with an exponent come back
+    as _Exponent.
     """
     return _walk(_pruned, value)
 
@@ -62,11 +65,11 @@ def _walk(walker, value):
 def _pruned(value):
     kind = type(value)
     if kind is dict:
+        if not _TEXT.issuperset(map(type, value)):
+            raise NotJSON("an object key that is not text")
         kept = {}
         for key, v in value.items():
-            if type(key) is not str:
-                raise NotJSON("an object key that is not text")
-            if type(v) is str:  # most values: kept or dropped here, without a call
+            if type(v) in _AS_IS:  # most values: kept or dropped here, without a call
                 if v:
                     kept[key] = v
             elif v is not None:
@@ -79,7 +82,7 @@ def _pruned(value):
     if kind is list or kind is tuple:
         kept = []
         for v in value:
-            if type(v) is str:
+            if type(v) in _AS_IS:
                 if v:
                     kept.append(v)
             elif v is not None:
@@ -87,6 +90,8 @@ def _pruned(value):
                 if v is not None:
                     kept.append(v)
         return kept or None
+    if kind is PrunedDict or kind is PrunedList:
+        return value or None
     if value is None:
         return None
     if kind is int or kind is bool:
@@ -94,11 +99,37 @@ def _pruned(value):
     if kind is float:
         if value != value or value in (_INFINITY, -_INFINITY):
             raise NotJSON("NaN or Infinity")
-        return value
+        return value if 1e-4 <= abs(value) < 1e16 or not value else _Exponent(value)
     for plain in (str, dict, list, tuple, bool, int, float):  # subclasses: as JSON writes them
         if isinstance(value, plain):
             return _pruned(plain(value))
     raise NotJSON(f"a {kind.__name__} value")
+
+
+class PrunedDict(dict):
+    """A dict the fhir helpers built as prune would leave it (text keys; text, ints, lists and
+    dicts of them, none empty; other Pruned values), which prune keeps as it is. Templates
+    cannot change it (the sandbox refuses to mutate dicts and lists), nor do the helpers."""
+
+    __slots__ = ()
+
+
+class PrunedList(list):
+    """A list of what a PrunedDict may hold, kept as it is by prune (see PrunedDict)."""
+
+    __slots__ = ()
+
+
+_TEXT = frozenset({str})
+#: What prune keeps as it is when not empty.
+_AS_IS = frozenset({str, PrunedDict, PrunedList})
+
+
+class _Exponent(float):
+    """A float that Python's repr writes with an exponent (under 1e-4, from 1e16), which orjson
+    spells otherwise (``1e-7``, ``0.00001``): orjson refuses it, so the standard library writes it."""
+
+    __slots__ = ()
 
 
 def merge(first: dict, later: dict) -> dict:
@@ -160,12 +191,12 @@ def _sorted(value):
 
 def _sorted_copy(value):
     kind = type(value)
-    if kind is dict:
+    if kind is dict or kind is PrunedDict:
         out = {}
         for key in sorted(value):
             out[key] = _sorted_copy(value[key])
         return out
-    if kind is list:
+    if kind is list or kind is PrunedList:
         out = []
         for v in value:
             out.append(_sorted_copy(v))
@@ -193,13 +224,14 @@ def build(rendered: dict, source: dict, *, sort_keys: bool = False) -> dict:
 def transaction(rendered: dict, source: dict, *, sort_keys: bool = False) -> bytes:
     """``to_bytes(build(rendered, source, sort_keys=sort_keys))``, with the keys sorted as the JSON is written."""
     resources, ordered = _collect(rendered, sort_keys)
-    entries = [(_ENCODER if done else _SORTED).encode(r) for r, done in zip(resources, ordered)]
+    entries = [_dumps(r, not done) for r, done in zip(resources, ordered)]
     resources.append(provenance(resources, source))
-    entries.append(_ENCODER.encode(resources[-1]))
+    entries.append(_dumps(resources[-1], False))
     # resourceType and id are plain ASCII (_TYPE, _ID): the url needs no escaping
-    text = ",".join([f'{{"resource":{json},"request":{{"method":"PUT","url":"{r["resourceType"]}/{r["id"]}"}}}}'
-                     for json, r in zip(entries, resources)])
-    return _bytes('{"resourceType":"Bundle","type":"transaction","entry":[' + text + "]}")
+    return b'{"resourceType":"Bundle","type":"transaction","entry":[' + b",".join([
+        b'{"resource":%b,"request":{"method":"PUT","url":"%b/%b"}}' % (json, r["resourceType"].encode(),
+                                                                         r["id"].encode())
+        for json, r in zip(entries, resources)]) + b"]}"
 
 
 def provenance(resources: list[dict], source: dict) -> dict:
@@ -232,6 +264,20 @@ _SORTED = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circ
 
 def to_bytes(bundle: dict) -> bytes:
     return _bytes(_ENCODER.encode(bundle))
+
+
+def _dumps(value, sort_keys: bool) -> bytes:
+    """A pruned value as `_ENCODER` (or `_SORTED`) writes it, in UTF-8; by orjson, ten times faster.
+
+    orjson writes the same bytes for what prune leaves (exact dicts, lists, str, int, float,
+    bool), and refuses the rest: ints past 64 bits, invalid Unicode, an _Exponent. Those
+    are written by the standard library, which keeps its output and its errors (NotJSON).
+    """
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
+    except orjson.JSONEncodeError:
+        pass
+    return _bytes((_SORTED if sort_keys else _ENCODER).encode(value))
 
 
 def _bytes(text: str) -> bytes:

@@ -149,8 +149,9 @@ from urllib.parse import quote
 from interface_engine.channels.helpers import (
     Encoded, HelperError, TemplateMessage, TemplateSegment, hl7_to_iso, uuid5,
 )
+from interface_engine.fhir.bundle import PrunedDict, PrunedList
 from interface_engine.hl7.escape import Delimiters
-from interface_engine.hl7.path import Path, parse_path
+from interface_engine.hl7.path import parse_path
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 UCUM = "http://unitsofmeasure.org"
@@ -178,17 +179,19 @@ class _Value:
     """One datatype instance: its components, encoded; split into sub-components and decoded when read.
 
     Both on read, not up front: most components a helper asks for are absent, and most
-    that are present have one sub-component.
+    that are present have one sub-component. ``text``: the text ``parts`` were split from.
     """
 
-    __slots__ = ("_parts", "_delimiters", "_encoding", "_sub", "_esc")
+    __slots__ = ("_parts", "_delimiters", "_encoding", "_sub", "_esc", "_plain")
 
-    def __init__(self, parts: list[str], delimiters: Delimiters, encoding: str):
+    def __init__(self, parts: list[str], text: str, delimiters: Delimiters, encoding: str):
         self._parts = parts
         self._delimiters = delimiters
         self._encoding = encoding
-        self._sub = delimiters.subcomponent_sep
-        self._esc = delimiters.escape_char
+        self._sub = sub = delimiters.subcomponent_sep
+        self._esc = esc = delimiters.escape_char
+        # no sub-component to split off and no escape to decode: most values
+        self._plain = not ((sub and sub in text) or (esc and esc in text))
 
     def count(self, component: int | None = None) -> int:
         """How many components there are, or how many sub-components ``component`` has."""
@@ -199,9 +202,15 @@ class _Value:
     def components(self, n: int) -> list[str]:
         """``['', get(1), get(2), ... get(n)]`` (item c is component c), read in one pass: the
         datatype maps take most of a value's components."""
+        parts = self._parts[:n]
+        if self._plain and '""' not in parts:
+            out = ["", *map(str.strip, parts)]
+            if len(out) <= n:
+                out += [""] * (n + 1 - len(out))
+            return out
         sub, esc = self._sub, self._esc
         out = [""]
-        for raw in self._parts[:n]:
+        for raw in parts:
             if sub and sub in raw:
                 raw = raw.split(sub, 1)[0]
             if not raw or raw == '""':
@@ -338,12 +347,16 @@ class FHIRNamespace:
         if type is not None and not isinstance(type, str):
             raise HelperError("fhir.identifiers: type= is a v2-0203 code such as 'MR'")
         header, systems = self._table("identifiers", "identifier-systems", "system")
-        out = []
-        for v in self._values(src, path, "identifiers"):
+        values = self._values(src, path, "identifiers")
+        if not values:  # most fields a mapping reads
+            return []
+        out = PrunedList()
+        for v in values:
             c = v.components(8)
             if not c[1]:
                 continue
-            ident: dict = {"value": c[1]}
+            ident = PrunedDict()
+            ident["value"] = c[1]
             _put(ident, "system", _identifier_system(systems, c[4], v.get(4, 2), v.get(4, 3)))
             code = c[5] or (type or "").strip()
             if code:
@@ -362,10 +375,13 @@ class FHIRNamespace:
     def names(self, src, path) -> list[dict]:
         """Every XPN repetition as a HumanName, and a nickname for XPN.15."""
         header, uses = self._table("names", "v2-0200-name-use", "display")
-        out = []
-        for v in self._values(src, path, "names"):
+        values = self._values(src, path, "names")
+        if not values:  # most fields a mapping reads
+            return []
+        out = PrunedList()
+        for v in values:
             c = v.components(15)
-            name: dict = {}
+            name = PrunedDict()
             _put(name, "family", c[1])
             _put(name, "given", [g for g in (c[2], c[3]) if g])
             _put(name, "prefix", [c[5]] if c[5] else [])
@@ -379,7 +395,7 @@ class FHIRNamespace:
                 out.append(name)
             called = c[15]
             if called:
-                out.append({"given": [called], "use": "nickname"})
+                out.append(PrunedDict(given=[called], use="nickname"))
         return out
 
     # XAD
@@ -388,10 +404,13 @@ class FHIRNamespace:
         """Every XAD repetition as an Address."""
         header, uses = self._table("addresses", "v2-0190-address-use", "display")
         header, types = self._table("addresses", "v2-0190-address-type", "display")
-        out = []
-        for v in self._values(src, path, "addresses"):
+        values = self._values(src, path, "addresses")
+        if not values:  # most fields a mapping reads
+            return []
+        out = PrunedList()
+        for v in values:
             c = v.components(14)
-            address: dict = {}
+            address = PrunedDict()
             _put(address, "line", [x for x in (c[1], v.get(1, 2), v.get(1, 3), c[2]) if x])
             _put(address, "city", c[3])
             _put(address, "district", c[9])
@@ -416,8 +435,11 @@ class FHIRNamespace:
         """Every XTN repetition with a value as a ContactPoint."""
         header, systems = self._table("telecoms", "v2-0202-telecom-system", "display")
         header, uses = self._table("telecoms", "v2-0201-telecom-use", "display")
-        out = []
-        for v in self._values(src, path, "telecoms"):
+        values = self._values(src, path, "telecoms")
+        if not values:  # most fields a mapping reads
+            return []
+        out = PrunedList()
+        for v in values:
             c = v.components(18)
             equipment, email = c[3], c[4]
             if equipment in ("Internet", "X.400"):
@@ -428,7 +450,7 @@ class FHIRNamespace:
                     value = email
             if not value:
                 continue
-            point: dict = {}
+            point = PrunedDict()
             row = systems.get(equipment) if equipment else None
             if not equipment:
                 point["system"] = "email" if value == email or "@" in value else "phone"
@@ -468,7 +490,7 @@ class FHIRNamespace:
     def concepts(self, src, path, system=None) -> list[dict]:
         """Every CWE repetition as a CodeableConcept."""
         default = self._default_system("concepts", system)
-        return [c for c in (self._concept(v, default) for v in self._values(src, path, "concepts")) if c]
+        return PrunedList(c for c in (self._concept(v, default) for v in self._values(src, path, "concepts")) if c)
 
     def _default_system(self, fn: str, system) -> str | None:
         if type(system) is str:
@@ -503,7 +525,7 @@ class FHIRNamespace:
             _put(coding, "display", c[display_at])
             if not any(k.get("system") == system and k["code"] == code for k in codings):
                 codings.append(coding)
-        concept: dict = {}
+        concept = PrunedDict()
         _put(concept, "coding", codings)
         _put(concept, "text", c[9] or c[2])
         return concept or None
@@ -540,7 +562,7 @@ class FHIRNamespace:
         row = rows.get(self._key(value))
         if not row or not row.get("display"):
             return None
-        coding: dict = {}
+        coding = PrunedDict()
         _put(coding, "system", row["system"])
         coding["code"] = row["display"]
         _put(coding, "display", row.get("name"))
@@ -712,34 +734,36 @@ class FHIRNamespace:
     def _values(src, path, fn: str) -> list[_Value]:
         """The datatype instances at ``path`` in ``src``: one per repetition read, empty ones left out."""
         try:
-            p: Path = parse_path(path)
+            seg_id, occurrence, n, repetition, component, subcomponent = parse_path(path)
         except ValueError:
             raise HelperError(f"fhir.{fn}: {_BAD_PATH}") from None
         if isinstance(src, TemplateSegment):  # the segment maps' reads, most of them
             segment, message = src._segment, src._message
-            if not segment.name:
+            name = segment.name
+            if not name:
                 return []
-            if (p.segment and p.segment != segment.name) or p.occurrence is not None:
+            if (seg_id and seg_id != name) or occurrence is not None:
                 raise HelperError(f"fhir.{fn}: a path read from a segment names no other segment "
                                   "and no occurrence [n]")
         elif isinstance(src, TemplateMessage):
-            if not p.segment:
+            if not seg_id:
                 raise HelperError(f"fhir.{fn}: a path read from msg starts with a segment id, e.g. PID-5")
             message = src._message
-            if p.occurrence is None:
-                segment = message.segment(p.segment)
+            if occurrence is None:
+                segment = message.segment(seg_id)
             else:
-                found = message.segments(p.segment)
-                segment = found[p.occurrence - 1] if p.occurrence <= len(found) else None
+                found = message.segments(seg_id)
+                segment = found[occurrence - 1] if occurrence <= len(found) else None
+            if segment is None:
+                return []
+            name = segment.name
         elif src is None:
             return []
         else:
             raise HelperError(f"fhir.{fn} reads msg or a segment (msg.segment('PID'), msg.segments('OBX'))")
-        if segment is None:
-            return []
         # The field's encoded text (MSH-1/MSH-2, the delimiters, read as ''): most reads end here, empty.
-        fields, n = segment._parts or segment._fields(), p.field  # split on the first read
-        if segment.name in _HEADER_IDS:
+        fields = segment._parts or segment._fields()  # split on the first read
+        if name in _HEADER_IDS:
             if n <= 2:
                 return []
             n -= 1
@@ -747,23 +771,24 @@ class FHIRNamespace:
         if not text:
             return []
         d, encoding = message.delimiters, message.encoding
-        if p.repetition is None and p.component is None:
+        if repetition is None and component is None:
             sep = d.repetition_sep
             reps = text.split(sep) if sep and sep in text else [text]
         else:
-            reps = [_nth(text, d.repetition_sep, p.repetition or 1)]
+            reps = [_nth(text, d.repetition_sep, repetition or 1)]
         values = []
         for rep in reps:
             if not rep or rep == '""':
                 continue
-            if p.component is None:
+            if component is None:
                 sep = d.component_sep
-                parts = rep.split(sep) if sep else [rep]
+                text, parts = rep, rep.split(sep) if sep else [rep]
             else:  # the sub-components of one component are the value's components
-                component = _nth(rep, d.component_sep, p.component)
-                if p.subcomponent is None:
-                    parts = _split(component, d.subcomponent_sep)
+                text = _nth(rep, d.component_sep, component)
+                if subcomponent is None:
+                    parts = _split(text, d.subcomponent_sep)
                 else:
-                    parts = [_nth(component, d.subcomponent_sep, p.subcomponent)]
-            values.append(_Value(parts, d, encoding))
+                    text = _nth(text, d.subcomponent_sep, subcomponent)
+                    parts = [text]
+            values.append(_Value(parts, text, d, encoding))
         return values

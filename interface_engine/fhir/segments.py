@@ -27,13 +27,37 @@ from __future__ import annotations
 from jinja2.utils import url_quote
 
 from interface_engine.channels.helpers import Encoded, HelperError, TemplateSegment, uuid5
+from interface_engine.fhir.bundle import PrunedDict, PrunedList
 from interface_engine.fhir.datatypes import V2_0203, UCUM, FHIRNamespace
 
 NULL = '""'
+
+
+def _coded(system: str, code: str, display: str | None = None) -> PrunedDict:
+    """A CodeableConcept of one Coding, for a system and code (and display) of this module or a
+    code table, never empty: built as the Bundle step would leave it (see PrunedDict), once
+    for the first _MAX_CODED of them (nothing changes a PrunedDict)."""
+    key = (system, code, display)
+    found = _CODED.get(key)
+    if found is None:
+        coding = PrunedDict(system=system, code=code)
+        if display:
+            coding["display"] = display
+        found = PrunedDict(coding=PrunedList((coding,)))
+        if len(_CODED) < _MAX_CODED:
+            _CODED[key] = found
+    return found
+
+
+_CODED: dict[tuple, PrunedDict] = {}
+_MAX_CODED = 1024  # the codes of the tables and this module; a code read from a message may add one
+
+
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 _V2 = "http://terminology.hl7.org/CodeSystem/v2-"
-_VN = {"coding": [{"system": V2_0203, "code": "VN"}], "text": "visit number"}
-_UNKNOWN_CLASS = {"system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor", "code": "UNK", "display": "unknown"}
+_VN = PrunedDict(_coded(V2_0203, "VN"), text="visit number")
+_UNKNOWN_CLASS = PrunedDict(system="http://terminology.hl7.org/CodeSystem/v3-NullFlavor", code="UNK",
+                            display="unknown")
 _ENCOUNTER_PRACTITIONERS = (("PV1-7", "ATND", "attender"), ("PV1-8", "REF", "referrer"),
                             ("PV1-9", "CON", "consultant"), ("PV1-17", "ADM", "admitter"))
 _ORGANISATION_CONTACTS = ("EMR", "E", "F", "I", "S")  # NK1-3 codes naming an organisation, not a person
@@ -44,8 +68,8 @@ _CRITICALITY = {"SV": "high", "MO": "low", "MI": "low", "U": "unable-to-assess"}
 _VERIFICATION = {"C": "confirmed", "U": "unconfirmed", "P": "unconfirmed", "S": "unconfirmed", "D": "unconfirmed",
                  "I": "confirmed"}
 _DIAGNOSIS_ROLE = {"A": "AD", "F": "DD", "W": None}
-_CONDITION_CATEGORY = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
-                                    "code": "encounter-diagnosis"}]}]
+_CONDITION_CATEGORY = PrunedList((_coded("http://terminology.hl7.org/CodeSystem/condition-category",
+                                           "encounter-diagnosis"),))
 _ATTACHMENT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.{}valueAttachment"
 _MIME = {"pdf": "application/pdf", "rtf": "application/rtf", "html": "text/html", "jpeg": "image/jpeg",
          "jpg": "image/jpeg", "png": "image/png", "tiff": "image/tiff", "gif": "image/gif", "xml": "application/xml",
@@ -68,7 +92,7 @@ _SUBSCRIBER_RELATIONSHIP = {"SEL": "self", "SPO": "spouse", "DOM": "common", "CH
 _COVERAGE_CLASS = "http://terminology.hl7.org/CodeSystem/coverage-class"
 _HISTORICAL = ("01", "02", "03", "04", "05", "06", "07", "08")  # RXA-9 (NIP001): not from the source
 _INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-_NOT_ASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-asked"}]}
+_NOT_ASKED = _coded("http://terminology.hl7.org/CodeSystem/data-absent-reason", "not-asked")
 
 
 def _int(value, default: int) -> int:
@@ -100,6 +124,12 @@ def _trimmed(value: str) -> str:
     """Trimmed, then the v2 null as '' (a null with spaces around it too)."""
     value = value.strip()
     return "" if value == NULL else value
+
+
+def _with_text(concept: PrunedDict | None, text: str) -> dict:
+    """``concept`` with a text: its own, else ``text``; ``"text": None`` when neither has one."""
+    text = (concept or {}).get("text") or text
+    return PrunedDict(concept or {}, text=text) if text else dict(concept or {}, text=None)
 
 
 def _ref(kind: str, rid: str | None, display=None) -> dict | None:
@@ -240,8 +270,7 @@ class FHIRHelpers(FHIRNamespace):
         if idv:
             id_type = xcn(13).strip()
             identifiers.append({"value": idv, "system": system,
-                                "type": {"coding": [{"system": V2_0203, "code": id_type}]}
-                                if id_type and id_type != NULL else None})
+                                "type": _coded(V2_0203, id_type) if id_type and id_type != NULL else None})
         names = []
         if family or given:
             names.append({"family": family, "given": [x for x in (given, middle) if x and x != NULL],
@@ -305,8 +334,7 @@ class FHIRHelpers(FHIRNamespace):
         return {"resources": [{
             "resourceType": "Location", "id": lid, "name": name,
             "description": description if description != NULL else None, "mode": "instance",
-            "physicalType": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/location-physical-type",
-                                         "code": kind}]}}],
+            "physicalType": _coded("http://terminology.hl7.org/CodeSystem/location-physical-type", kind)}],
             "ref": {"reference": "Location/" + lid, "display": name}}
 
     # PID, PD1
@@ -352,14 +380,15 @@ class FHIRHelpers(FHIRNamespace):
         ssn = pid["PID-19"]
         if ssn and ssn != NULL:
             identifiers.append({"system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn,
-                                "type": {"coding": [{"system": V2_0203, "code": "SS"}]}})
+                                "type": _coded(V2_0203, "SS")})
         licence = pid["PID-20.1"]
         if licence and licence != NULL:
-            identifiers.append({"value": licence, "type": {"coding": [{"system": V2_0203, "code": "DL"}]}})
+            identifiers.append({"value": licence, "type": _coded(V2_0203, "DL")})
         telecom = []
         for f, default_use in (("PID-13", "home"), ("PID-14", "work"), ("PID-40", None)):
             for t in self.telecoms(pid, f):
-                telecom.append(dict(t, use=t.get("use") or default_use))
+                use = t.get("use") or default_use
+                telecom.append(PrunedDict(t, use=use) if use else dict(t, use=use))
         resources, gp = [], []
         if pd1 is not None:
             made = self.practitioners(pd1, "PD1-4")
@@ -429,7 +458,7 @@ class FHIRHelpers(FHIRNamespace):
         names = self.names(nk1, "NK1-2")
         relationship = self._relationship(nk1, "NK1-3")
         role = self.concept(nk1, "NK1-7", _V2 + "0131")
-        relationships = [x for x in (relationship, role) if x]
+        relationships = PrunedList([x for x in (relationship, role) if x])
         telecom = self.telecoms(nk1, "NK1-5") + [dict(t, use="work") for t in self.telecoms(nk1, "NK1-6")]
         other_telecom = self.telecoms(nk1, "NK1-40")
         period = {"start": self.datetime(nk1, "NK1-8"), "end": self.datetime(nk1, "NK1-9")}
@@ -469,7 +498,7 @@ class FHIRHelpers(FHIRNamespace):
         mapped = self.coding(seg[f + ".1"], "v2-0063-relationship")
         if not mapped:
             return concept
-        return dict(concept or {}, coding=[mapped] + ((concept or {}).get("coding") or []))
+        return PrunedDict(concept or {}, coding=PrunedList([mapped] + ((concept or {}).get("coding") or [])))
 
     # PV1, PV2
 
@@ -525,8 +554,7 @@ class FHIRHelpers(FHIRNamespace):
             made = self.practitioners(pv2 if f.startswith("PV2") else pv1, f)
             resources += made["resources"]
             for ref in made["refs"]:
-                participants.append({"type": [{"coding": [{"system": PARTICIPATION, "code": code,
-                                                           "display": display}]}], "individual": ref})
+                participants.append({"type": PrunedList((_coded(PARTICIPATION, code, display),)), "individual": ref})
         first = "planned" if patient_class == "P" else "completed" if discharged else "active"
         for f, location_status in (("PV1-3", first), ("PV1-6", "completed"), ("PV1-11", "active"),
                                    ("PV1-42", "reserved")):
@@ -538,7 +566,7 @@ class FHIRHelpers(FHIRNamespace):
         resources.append({
             "resourceType": "Encounter",
             "id": eid,
-            "identifier": [dict(visit, type=_VN)] if visit else self.identifiers(pv1, "PV1-50"),
+            "identifier": PrunedList((PrunedDict(visit, type=_VN),)) if visit else self.identifiers(pv1, "PV1-50"),
             "status": status,
             "class": self.coding(patient_class, "v2-0004-encounter-class") or _UNKNOWN_CLASS,
             "type": [c for c in (self.concept(pv1, "PV1-4", _V2 + "0007"),) if c],
@@ -633,15 +661,14 @@ class FHIRHelpers(FHIRNamespace):
             "resourceType": "AllergyIntolerance",
             "id": aid,
             "identifier": [identifier] if identifier else [],
-            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
-                                           "code": clinical}]} if clinical else None,
-            "verificationStatus": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
-                "code": verification}]} if verification else None,
+            "clinicalStatus": _coded("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", clinical)
+            if clinical else None,
+            "verificationStatus": _coded("http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
+                                         verification) if verification else None,
             "type": "intolerance" if kind == "MC" else "allergy" if kind else None,
             "category": [category] if category else [],
             "criticality": _CRITICALITY.get(severity),
-            "code": dict(code, coding=codings),
+            "code": PrunedDict(code, coding=PrunedList(codings)) if codings else dict(code, coding=codings),
             "patient": patient_ref,
             "onsetDateTime": self.datetime(seg, "IAM-11" if iam else "AL1-6"),
             "onsetString": onset_text,
@@ -678,10 +705,10 @@ class FHIRHelpers(FHIRNamespace):
             "resourceType": "Condition",
             "id": cid,
             "identifier": [i for i in (self.identifier(dg1, "DG1-20"),) if i],
-            "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                                               "code": "entered-in-error"}]} if dg1["DG1-21"] == "D" else None,
+            "verificationStatus": _coded("http://terminology.hl7.org/CodeSystem/condition-ver-status", "entered-in-error")
+            if dg1["DG1-21"] == "D" else None,
             "category": _CONDITION_CATEGORY,
-            "code": dict(code or {}, text=(code or {}).get("text") or text or None),
+            "code": _with_text(code, text),
             "subject": _ref("Patient", patient_id),
             "encounter": _ref("Encounter", encounter_id),
             "onsetDateTime": self.datetime(dg1, "DG1-5"),
@@ -689,8 +716,7 @@ class FHIRHelpers(FHIRNamespace):
             "asserter": asserter["ref"],
         }], "diagnosis": {
             "condition": ref,
-            "use": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/diagnosis-role", "code": role}]}
-            if role else None,
+            "use": _coded("http://terminology.hl7.org/CodeSystem/diagnosis-role", role) if role else None,
             "rank": rank if rank > 0 else None}}
 
     # OBX
@@ -737,9 +763,9 @@ class FHIRHelpers(FHIRNamespace):
             flag = obx[f"OBX-8[{r}].1"].strip()
             mapped = self.code(flag, "v2-0078-interpretation")
             if mapped:
-                interpretation.append({"coding": [{"system": _INTERPRETATION, "code": mapped}]})
+                interpretation.append(_coded(_INTERPRETATION, mapped))
             elif flag and flag != NULL:
-                interpretation.append({"coding": [{"system": _V2 + "0078", "code": flag}]})
+                interpretation.append(_coded(_V2 + "0078", flag))
         made = self.practitioners(obx, "OBX-16")
         resources, performers = made["resources"], made["refs"]
         made = self.organization(obx, "OBX-23")
@@ -992,8 +1018,7 @@ class FHIRHelpers(FHIRNamespace):
             made = self.practitioners(seg, f)
             resources += made["resources"]
             for ref in made["refs"]:
-                performers.append({"actor": ref, "function": {"coding": [{"system": _PERFORMER_FUNCTION,
-                                                                          "code": code, "display": display}]}})
+                performers.append({"actor": ref, "function": _coded(_PERFORMER_FUNCTION, code, display)})
         if orc is not None:
             numbers = self.order_numbers(orc, None)
             identifiers = [i for i in (numbers["placer"], numbers["filler"]) if i]
@@ -1059,14 +1084,14 @@ class FHIRHelpers(FHIRNamespace):
             made = self.practitioners(pr1, f)
             resources += made["resources"]
             for ref in made["refs"]:
-                performers.append({"actor": ref, "function": {"coding": [{
-                    "system": "http://snomed.info/sct", "code": function, "display": display}]} if function else None})
+                performers.append({"actor": ref, "function": _coded("http://snomed.info/sct", function, display)
+                                   if function else None})
         resources.append(dict({
             "resourceType": "Procedure",
             "id": prid,
             "identifier": [i for i in (self.identifier(pr1, "PR1-19"),) if i],
             "status": "unknown",
-            "code": dict(code or {}, text=(code or {}).get("text") or text or None),
+            "code": _with_text(code, text),
             "category": self.concept(pr1, "PR1-6"),
             "performedDateTime": self.datetime(pr1, "PR1-5"),
             "performer": performers,
@@ -1129,23 +1154,22 @@ class FHIRHelpers(FHIRNamespace):
         plan_concept = self.concept(in1, "IN1-2")
         classes = []
         if group and group != NULL:
-            classes.append({"type": {"coding": [{"system": _COVERAGE_CLASS, "code": "group"}]},
+            classes.append({"type": _coded(_COVERAGE_CLASS, "group"),
                             "value": group, "name": group_name or None})
         if plan and plan != NULL:
-            classes.append({"type": {"coding": [{"system": _COVERAGE_CLASS, "code": "plan"}]},
+            classes.append({"type": _coded(_COVERAGE_CLASS, "plan"),
                             "value": plan, "name": (plan_concept or {}).get("text") or in1["IN1-2.2"] or None})
         resources.append({
             "resourceType": "Coverage",
             "id": cvid,
-            "identifier": [{"value": policy, "type": {"coding": [{"system": V2_0203, "code": "SN"}]}}]
+            "identifier": [{"value": policy, "type": _coded(V2_0203, "SN")}]
             if policy else [],
             "status": "active",
             "type": self.concept(in1, "IN1-15", _V2 + "0086"),
             "subscriber": subscriber,
             "subscriberId": member or policy or None,
             "beneficiary": patient_ref,
-            "relationship": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship",
-                                         "code": relationship}]}
+            "relationship": _coded("http://terminology.hl7.org/CodeSystem/subscriber-relationship", relationship)
             if relationship else self.concept(in1, "IN1-17", _V2 + "0063"),
             "period": {"start": self.datetime(in1, "IN1-12"), "end": self.datetime(in1, "IN1-13")},
             "payor": [payor],

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from interface_engine.fhir.bundle import BundleError, NotJSON, build, prune, to_bytes, transaction
+from interface_engine.fhir.bundle import (
+    BundleError, NotJSON, PrunedDict, PrunedList, build, prune, to_bytes, transaction,
+)
 
 SOURCE = {"application": "ADT_APP", "facility": "GEN", "control_id": "C1", "sha256": "ab",
           "type": "ADT^A01", "recorded": "2026-01-01T12:00:00-05:00"}
@@ -54,6 +56,47 @@ def test_the_bundle_as_json_is_the_built_bundle_written_out(sort_keys):
         assert patient.startswith('{"resourceType": "Patient", "id": "p1", "name": [{"given": ["A"], "family": "Z"}')
     assert json.loads(out)["entry"][2]["request"] == {"method": "PUT", "url": "Location/l1"}
     assert out.decode("utf-8").count("ward é") == 1
+
+
+def _deep(depth: int):
+    value = {"end": 1}
+    for _ in range(depth):
+        value = {"in": [value]}
+    return value
+
+
+@pytest.mark.parametrize("sort_keys", [True, False])
+@pytest.mark.parametrize("value", [
+    1e-7, -2.5e-05, 9.999e-05, 0.0001, 1e-4 + 1e-20, 5e-324, 0.0, -0.0, 1.5, 1e15, 1e16, 1.7976931348623157e308,
+    2 ** 63, 2 ** 64 - 1, 2 ** 64, -2 ** 63, -2 ** 63 - 1, 10 ** 30, "0.00001 e-5", "é \u2028 \x7f \x00 \x1f",
+    _deep(300),
+])
+def test_numbers_and_text_are_written_as_the_standard_library_writes_them(value, sort_keys):
+    """The Bundle's JSON is written by orjson where it writes the same bytes as json, by json elsewhere."""
+    rendered = {"resources": [{"resourceType": "Observation", "id": "o1", "value": value, "b": [value], "a": 1}]}
+    expected = json.dumps(prune(rendered["resources"][0]), ensure_ascii=False, separators=(",", ":"),
+                          sort_keys=sort_keys).encode()
+    assert f'{{"resource":{expected.decode()},'.encode() in transaction(rendered, SOURCE, sort_keys=sort_keys)
+    assert transaction(rendered, SOURCE, sort_keys=sort_keys) == to_bytes(build(rendered, SOURCE,
+                                                                                sort_keys=sort_keys))
+
+
+@pytest.mark.parametrize("sort_keys", [True, False])
+def test_values_the_helpers_built_pruned_are_written_as_plain_ones(sort_keys):
+    """prune keeps a PrunedDict or PrunedList as it is; sorted, merged and written as a dict or list."""
+    def resources(d, lst):
+        return {"resources": [
+            {"resourceType": "Patient", "id": "p1", "name": lst([d(family="Z", given=["A"])]), "x": None},
+            {"resourceType": "Patient", "id": "p1", "maritalStatus": d(text="M", coding=lst([d(code="M")])),
+             "name": lst([d(use="official", family="Y")])},
+            {"resourceType": "Patient", "id": "p2", "maritalStatus": d(text="S", coding=lst([d(code="S")]))},
+        ]}
+
+    marked = resources(PrunedDict, PrunedList)
+    assert prune(marked["resources"][1]["name"]) is marked["resources"][1]["name"]
+    assert prune(PrunedList()) is None
+    assert transaction(marked, SOURCE, sort_keys=sort_keys) == transaction(resources(dict, list), SOURCE,
+                                                                          sort_keys=sort_keys)
 
 
 def test_keys_that_are_not_all_text_are_not_json_even_when_they_cannot_be_sorted():
