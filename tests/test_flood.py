@@ -50,11 +50,13 @@ def test_idle_and_slow_connections_do_not_starve_a_good_sender(engine_factory):
         held += [connect(engine.port, f"127.0.1.{1 + i // 100}") for i in range(IDLE)]
         slow = [connect(engine.port, f"127.0.2.{1 + i}") for i in range(SLOW)]
         held += slow
-        for s in slow:
-            s.sendall(b"\x0bMSH|^~\\&|")
         over = [connect(engine.port, f"127.0.3.{1 + i}") for i in range(5)]
         held += over
         assert all(closed(s, 5) for s in over), "connections over the cap were not refused"
+        # Frames start only now: started earlier, their 1 s deadline could free slots under the cap
+        # before a loaded engine had accepted the connections over it.
+        for s in slow:
+            s.sendall(b"\x0bMSH|^~\\&|")
 
         answers = []
         trickle_until = time.monotonic() + 2.5
