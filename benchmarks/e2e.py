@@ -169,7 +169,7 @@ def channel_for(variant: str, archive: Path, receiver_port: int) -> tuple[dict, 
 
 
 @contextlib.contextmanager
-def channel_engine(variant: str, workdir: Path, receiver_port: int):
+def channel_engine(variant: str, workdir: Path, receiver_port: int, store_writer: str | None = None):
     """Run the engine with the variant's channel; yields (pid, port, store file, archive folder)."""
     port = free_port()
     channels, mappings, archive = workdir / "channels", workdir / "mappings", workdir / "archive"
@@ -187,6 +187,7 @@ def channel_engine(variant: str, workdir: Path, receiver_port: int):
         + own_files(workdir) +
         "[admin]\nport = 0\n[store]\n"
         f"url = {toml_string(f'sqlite:///{store}')}\n"
+        + (f"writer = {toml_string(store_writer)}\n" if store_writer else "") +
         "[channels]\n"
         f"directory = {toml_string(str(channels))}\n"
         f"mappings = {toml_string(str(mappings))}\n"
@@ -812,6 +813,8 @@ def parse_args(argv=None):
                              "included)")
     parser.add_argument("--summarise-profile", type=Path, metavar="FILE",
                         help="only summarise an earlier py-spy raw file and exit")
+    parser.add_argument("--store-writer", choices=("process", "thread"),
+                        help="the engine's [store] writer (default: the engine's default, a process)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (stores, archive files, logs) and print its path")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
@@ -845,7 +848,7 @@ def main(argv=None) -> int:
     if machine["tempdir_fs"] in ("tmpfs", "ramfs"):
         print("!! the temporary directory is in memory, so neither SQLite commits nor archive files reach a "
               "disk: set TMPDIR to a directory on disk")
-    print(f"code: {code}")
+    print(f"code: {code}" + (f"; store writer: {args.store_writer}" if args.store_writer else ""))
     print(f"run {run_tag}: {args.connections} connections, {FRAME_BYTES} byte ADT^A01 frames, channel shaped like "
           f"{SAMPLE_CHANNEL.relative_to(REPO)}; variants {', '.join(args.variants)}")
 
@@ -864,7 +867,7 @@ def main(argv=None) -> int:
                 workdir = tmp / name
                 workdir.mkdir()
                 try:
-                    with channel_engine(name, workdir, receiver_port) as (pid, port, store, archive):
+                    with channel_engine(name, workdir, receiver_port, args.store_writer) as (pid, port, store, archive):
                         v = Variant(name, pid, port, store, archive, receiver_pid,
                                     ReceiverControl(control_port), run_tag, args)
                         results += asyncio.run(load_variant(v, args))

@@ -31,7 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from .private_files import replace_private
 from .store.schema import DEAD, REJECTED, SENT, audit_events, audit_heads, deliveries, messages
-from .store.store import CONFLICT, DUPLICATE, utcnow
+from .store.store import CONFLICT, DUPLICATE, driver, placeholders, utcnow
 
 SUCCESS, FAILURE = "success", "failure"
 
@@ -53,6 +53,13 @@ _DELIVERY = (select(deliveries.c.id, deliveries.c.channel, deliveries.c.destinat
                     deliveries.c.attempts, messages.c.correlation_id)
              .join(messages, messages.c.id == deliveries.c.message_id)
              .where(deliveries.c.id.in_(sa.bindparam("ids", expanding=True))))
+
+_SQLITE_LOOKUPS = {
+    _CORRELATION: "SELECT id, correlation_id FROM messages WHERE id IN ({ids})",
+    _DELIVERY: ("SELECT deliveries.id, deliveries.channel, deliveries.destination, deliveries.attempts, "
+                "messages.correlation_id FROM deliveries JOIN messages ON messages.id = deliveries.message_id "
+                "WHERE deliveries.id IN ({ids})"),
+}
 
 
 def stamp(at: datetime | str) -> str:
@@ -140,10 +147,11 @@ class AuditTrail:
         the CLI, several processes) take turns until their transaction ends.
         """
         chain, n = self.chain, len(events)
-        head = conn.exec_driver_sql(self._advance, (n, chain)).first()
+        run = driver(conn).execute if self._sqlite else conn.exec_driver_sql
+        head = run(self._advance, (n, chain)).fetchone()
         if head is None:
             conn.execute(self._new_head, {"chain": chain})
-            head = conn.exec_driver_sql(self._advance, (n, chain)).first()
+            head = run(self._advance, (n, chain)).fetchone()
         seq, mac = head[0] - n, head[1]
         at = at.replace(tzinfo=None)
         when = stamp(at)
@@ -156,8 +164,11 @@ class AuditTrail:
             rows.append((chain, seq, when, *event, mac))
         if not self._sqlite:
             rows = [(*r[:2], at, *r[3:]) for r in rows]
-        conn.exec_driver_sql(self._insert, rows)
-        conn.exec_driver_sql(self._set_mac, (mac, chain))
+        if self._sqlite:
+            driver(conn).executemany(self._insert, rows)
+        else:
+            conn.exec_driver_sql(self._insert, rows)
+        run(self._set_mac, (mac, chain))
 
     def stored(self, conn, batch, outcomes, now: datetime):
         """Store.write's events: received, rejected, or a duplicate answered from an earlier row."""
@@ -176,7 +187,7 @@ class AuditTrail:
                 events.append((actor, "message.received", "message", str(outcome.message_id), item.peer,
                                SUCCESS, item.correlation_id, _encode(detail)))
         if duplicates:
-            known = dict(conn.execute(_CORRELATION, {"ids": list({o.message_id for _, o in duplicates})}).all())
+            known = dict(self._lookup(conn, _CORRELATION, list({o.message_id for _, o in duplicates})))
             for item, outcome in duplicates:
                 events.append((actor, "message.duplicate", "message", str(outcome.message_id), item.peer,
                                SUCCESS, known.get(outcome.message_id),
@@ -186,7 +197,7 @@ class AuditTrail:
 
     def processed(self, conn, moving, now: datetime):
         """Store.save_processing's events: each message filtered, or queued to its destinations."""
-        known = dict(conn.execute(_CORRELATION, {"ids": [p.message_id for p in moving]}).all())
+        known = dict(self._lookup(conn, _CORRELATION, [p.message_id for p in moving]))
         events = []
         for p in moving:
             if p.filter_reason:
@@ -201,8 +212,7 @@ class AuditTrail:
 
     def attempted(self, conn, batch, now: datetime):
         """Store.record_attempts's events: sent, failed (will retry) or dead-lettered."""
-        known = {row[0]: row[1:] for row in conn.execute(
-            _DELIVERY, {"ids": list({a.delivery_id for a in batch})})}
+        known = {row[0]: row[1:] for row in self._lookup(conn, _DELIVERY, list({a.delivery_id for a in batch}))}
         events = []
         for a in batch:
             channel, destination, attempts, correlation_id = known[a.delivery_id]
@@ -217,6 +227,12 @@ class AuditTrail:
             events.append((self.actor, action, "delivery", str(a.delivery_id), self.chain, outcome,
                            correlation_id, _encode(detail)))
         self.append(conn, now, events)
+
+    def _lookup(self, conn, query, ids: list[int]):
+        """The rows of `query` (one of the ``ids`` lookups above) for `ids`; on SQLite from the driver."""
+        if not self._sqlite:
+            return conn.execute(query, {"ids": ids}).all()
+        return driver(conn).execute(_SQLITE_LOOKUPS[query].format(ids=placeholders(len(ids))), ids)
 
     # -- reading ------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ class StoreConfig:
     duplicate_window: float = 24 * 3600.0
     max_batch: int = 512
     max_backlog: int = 4096
+    writer: str = "process"
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +245,7 @@ def parse(data: dict, path: str = "<config>") -> EngineConfig:
         duplicate_window=s.duration("duplicate_window", d.duplicate_window),
         max_batch=s.int("max_batch", d.max_batch, 1, 100_000),
         max_backlog=s.int("max_backlog", d.max_backlog, 1),
+        writer=s.str("writer", d.writer, ("process", "thread")),
     )
     s.done()
     if not store.url.startswith(("sqlite:", "postgresql")):

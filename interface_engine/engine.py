@@ -36,6 +36,7 @@ from .mllp.listener import ListenerService, MLLPListenerFactory
 from .retention import RetentionService
 from .store import GroupCommitter, Store, control
 from .store.journal import SentJournal
+from .store.writer import OwnProcess as WriterProcess, WriterSpec
 from .store.cipher import Cipher
 
 log = Logger()
@@ -46,7 +47,7 @@ SHUTDOWN_GRACE = 10.0
 # milliseconds to every ACK.
 GIL_SWITCH_INTERVAL = 0.0005
 #: How often the key file is looked at: a rotation is taken up within this many seconds.
-KEY_FILE_POLL = 2.0
+KEY_FILE_POLL = keys.FILE_POLL
 #: How often paused channels and destinations are re-read from the store.
 PAUSES_POLL = 2.0
 
@@ -87,7 +88,7 @@ class Engine(service.MultiService):
         config = self.config
         self.channels, mappings = load_channel_set(config)
         self.keys, created = keys.load_or_create(config.keys_file)
-        self._keys_seen = _file_stamp(config.keys_file)
+        self._keys_seen = keys.file_stamp(config.keys_file)
         self.cipher = Cipher(self.keys, reload=lambda: keys.load(config.keys_file))
         prepare_sqlite_file(config.store.url)
         self.audit = AuditTrail(self.keys.audit, config.node)
@@ -100,8 +101,12 @@ class Engine(service.MultiService):
         self.audit.record("config.loaded", actor=self.audit.actor, object_type="config",
                           object_id=config.path, source=self.audit.source,
                           detail={"channels": [c.name for c in self.channels]})
+        writer = None
+        if config.store.writer == "process":
+            writer = WriterProcess(WriterSpec(config.store.url, config.store.duplicate_window, config.node,
+                                              config.keys_file))
         self.committer = GroupCommitter(self.store, self.reactor, max_batch=config.store.max_batch,
-                                        metrics=self.metrics)
+                                        metrics=self.metrics, process=writer)
         self.committer.start()
         ownership = QueueOwnership(self.committer, self.reactor, config.node, config.queue_lease)
         self.runtime = ChannelRuntime(self.channels, mappings, self.committer, self.reactor, self.charsets,
@@ -241,7 +246,7 @@ class Engine(service.MultiService):
     def watch_keys(self):
         """Take up a changed key file: after `keys rotate`, new writes use the new data key."""
         path = self.config.keys_file
-        stamp = _file_stamp(path)
+        stamp = keys.file_stamp(path)
         if stamp is None or stamp == self._keys_seen:
             return
         self._keys_seen = stamp
@@ -338,10 +343,3 @@ class Engine(service.MultiService):
             pass
         log.info("engine stopped")
 
-
-def _file_stamp(path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino

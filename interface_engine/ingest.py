@@ -32,11 +32,34 @@ class ControlIds:
     """Control ids for our ACKs: unique per process and across processes, at most 20 characters."""
 
     def __init__(self):
-        self._prefix = "%08X%04X" % (int(time.time()) & 0xFFFFFFFF, os.getpid() & 0xFFFF)
+        self.pid = os.getpid()
+        self._prefix = "%08X%04X" % (int(time.time()) & 0xFFFFFFFF, self.pid & 0xFFFF)
         self._count = count(1)
 
     def __call__(self) -> str:
         return "%s%07X" % (self._prefix, next(self._count) & 0xFFFFFFF)
+
+
+class ConflictAck:
+    """Builds the AE for a message whose control id is stored with other content, where the store
+    finds out: in the engine, or in its writer process (so it travels by pickle)."""
+
+    __slots__ = ("header",)
+    _ids: ControlIds | None = None   # per process: the pid is part of each id
+
+    def __init__(self, header):
+        self.header = header
+
+    def __reduce__(self):
+        return ConflictAck, (self.header,)
+
+    def __call__(self) -> bytes:
+        ids = ConflictAck._ids
+        if ids is None or ids.pid != os.getpid():
+            ids = ConflictAck._ids = ControlIds()
+        return hl7.build_ack(self.header, hl7.ack_code(self.header, "error"), control_id=ids(),
+                             reason="message control id already received with different content",
+                             error_code="207")
 
 
 def over_limits(raw: bytes, header, limits: tuple[int, int]) -> hl7.HL7Error | None:
@@ -142,7 +165,7 @@ class Ingest:
             message_type=header.message_type, trigger_event=header.trigger_event,
             control_id=header.control_id, version=header.version,
             channel=channel.name if channel else None,
-            conflict_ack=lambda: self._conflict_ack(header),
+            conflict_ack=ConflictAck(header),
             patients=self._patients(raw, header),
         )
         d = self.committer.submit(item)
@@ -171,11 +194,6 @@ class Ingest:
             return hl7.build_ack(header, "AE", control_id=self.control_ids(),
                                  reason=reason or "not delivered", error_code="207"), outcome
         return d.addCallback(answer)
-
-    def _conflict_ack(self, header) -> bytes:
-        return hl7.build_ack(header, hl7.ack_code(header, "error"), control_id=self.control_ids(),
-                             reason="message control id already received with different content",
-                             error_code="207")
 
     def _stored(self, outcome: Outcome, item: Incoming, peer: str, kind: str) -> tuple[bytes, Outcome]:
         """Count and log what the commit made of a message; `kind` is why it was rejected, if it was."""

@@ -25,6 +25,19 @@ from pathlib import Path
 
 from .private_files import replace_private
 
+#: How often a running engine (and its store writer process) looks at the key file:
+#: a rotation is taken up within this many seconds.
+FILE_POLL = 2.0
+
+
+def file_stamp(path) -> tuple[int, int, int] | None:
+    """What changes when the key file is replaced: compared at each look, not read each time."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
 #: Every purpose gets its own key, so that one can be rotated or leak without the others.
 PURPOSES = ("index", "audit")
 KEY_BYTES = 32

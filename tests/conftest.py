@@ -144,8 +144,10 @@ class EngineProcess:
 
     @property
     def admin_url(self) -> str:
-        """The admin server's base URL, from the engine's log."""
-        m = ADMIN_LISTENING.search(self.log())
+        """The admin server's base URL, from the engine's log (written just after the MLLP port's)."""
+        deadline = time.monotonic() + 10
+        while not (m := ADMIN_LISTENING.search(self.log())) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert m, "the admin server did not start:\n" + self.log()
         return m.group(1)
 

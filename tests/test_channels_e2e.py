@@ -8,6 +8,7 @@ import pytest
 
 from interface_engine import hl7
 from interface_engine.mllp import MLLPClient
+from interface_engine.mllp.client import MLLPError
 from interface_engine.store import Store
 from tests.messages import adt_a01
 from tests.receiver import Receiver
@@ -388,19 +389,31 @@ def test_sends_in_the_sent_journal_are_recorded_at_start_and_not_sent_again(setu
     assert oct((tmp_path / "store.db-sent-j1.0").stat().st_mode & 0o777) == "0o600"
 
 
-def children(pid: int) -> list[int]:
-    """The channel processor processes `pid` started, from whichever of its threads."""
+PROCESSOR, WRITER = b"interface_engine.channels.processor", b"interface_engine.store.writer"
+
+
+def children(pid: int, module: bytes = PROCESSOR) -> list[int]:
+    """The child processes running `module` that `pid` started, from whichever of its threads."""
     found = []
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 for child in f.read().split():
                     with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                        if b"interface_engine.channels.processor" in cmdline.read():
+                        if module in cmdline.read():
                             found.append(int(child))
         except FileNotFoundError:
             continue   # a thread or process that ended meanwhile
     return found
+
+
+def ended(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie: its files (its end of a pipe) are closed."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:   # gone, and reaped
+        return True
 
 
 def cpu_ticks(pid: int) -> int:
@@ -445,6 +458,91 @@ def test_processor_thread_keeps_channels_in_the_engine_process(setup, tmp_path, 
         assert setup.send(adt_a01("THR1")) == [("AA", "THR1", "")]
         assert downstream.wait_for(1, timeout=10)
         assert children(engine.proc.pid) == []
+
+
+def engine_with_writer(setup, downstream):
+    """An engine with the ADT channel to `downstream`, and the pid of its store writer process."""
+    setup.channel("adt", adt_channel(downstream.port))
+    engine = setup.start()
+    setup.wait(lambda: len(children(engine.proc.pid, WRITER)) == 1, what="the writer process")
+    return engine, children(engine.proc.pid, WRITER)[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_the_store_is_written_by_a_child_process_that_is_replaced_when_it_dies(setup, tmp_path):
+    import signal
+
+    with Receiver() as downstream:
+        engine, writer = engine_with_writer(setup, downstream)
+        before = cpu_ticks(writer)
+        ids = [f"WRITER{i}" for i in range(200)]
+        assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * 200
+        assert downstream.wait_for(200, timeout=30)
+        setup.wait(lambda: setup.store.count_messages(state="sent") == 200, what="200 recorded sent")
+        assert cpu_ticks(writer) > before, "the store was not written in the writer process"
+        os.kill(writer, signal.SIGKILL)
+        setup.wait(lambda: ended(writer), what="the writer's end")
+        # Found dead at the next cycle, before anything reached it: a new writer process takes that cycle.
+        assert [a[0] for a in setup.send(adt_a01("AFTER1"), adt_a01("AFTER2"))] == ["AA", "AA"]
+        assert downstream.wait_for(202, timeout=30)
+        assert downstream.control_ids() == ids + ["AFTER1", "AFTER2"]
+        setup.wait(lambda: setup.store.count_messages(state="sent") == 202, what="202 recorded sent")
+        (writer,) = children(engine.proc.pid, WRITER)
+    # Noticed by the message's cycle, or by an idle queue read's just before it.
+    assert "the store writer process had ended; starting a new one" in engine.log() or \
+        "the store writer process ended with 1 batches in hand" in engine.log()
+    engine.kill()   # a killed engine cannot stop its writer: the writer must notice and end
+    setup.wait(lambda: not os.path.exists(f"/proc/{writer}"), timeout=10, what="the orphaned writer's end")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_a_writer_killed_with_a_cycle_in_hand_loses_no_acknowledged_message(setup, tmp_path):
+    import signal
+    import threading
+
+    with Receiver() as downstream:
+        engine, writer = engine_with_writer(setup, downstream)
+        acked: list[str] = []
+        refused: list[str] = []
+
+        def feed(n: int):
+            with MLLPClient("127.0.0.1", engine.port, timeout=15) as c:
+                for i in range(300):
+                    cid = f"K{n}-{i}"
+                    try:
+                        ack = hl7.parse(c.send(adt_a01(cid)))
+                    except (OSError, MLLPError):   # no answer: a sender resends it
+                        refused.append(cid)
+                        return
+                    (acked if ack["MSA-1"] == "AA" else refused).append(cid)
+
+        feeders = [threading.Thread(target=feed, args=(n,)) for n in range(4)]
+        for t in feeders:
+            t.start()
+        setup.wait(lambda: len(acked) >= 100, what="messages flowing")
+        os.kill(writer, signal.SIGKILL)
+        for t in feeders:
+            t.join(60)
+        assert setup.send(adt_a01("LATER")) == [("AA", "LATER", "")]
+        acked.append("LATER")
+        stored = {m["control_id"] for m in setup.store.list_messages(limit=2000)}
+        assert set(acked) <= stored, "an acknowledged message is missing from the store"
+        setup.wait(lambda: set(acked) <= set(downstream.control_ids()), timeout=60,
+                   what="every acknowledged message delivered")
+        setup.wait(lambda: len(children(engine.proc.pid, WRITER)) == 1, what="a new writer process")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_writer_thread_keeps_the_store_in_the_engine_process(setup, tmp_path, engine_factory):
+    with Receiver() as downstream:
+        setup.channel("adt", adt_channel(downstream.port))
+        extra = ('writer = "thread"\n'   # in the [store] table the engine config ends with here
+                 f'[channels]\ndirectory = "{setup.channels}"\nmappings = "{setup.mappings}"\n')
+        engine = setup.engine = engine_factory(extra=extra)
+        setup.store = engine.open_store()
+        assert setup.send(adt_a01("THR1")) == [("AA", "THR1", "")]
+        assert downstream.wait_for(1, timeout=10)
+        assert children(engine.proc.pid, WRITER) == []
 
 
 def test_a_message_left_received_by_a_crash_is_processed_at_start(setup, tmp_path):

@@ -43,3 +43,10 @@ def test_no_command_prints_the_store_password(tmp_path):
     result = cli("db", "upgrade", cwd=tmp_path)
     assert_one_line_error(result, "cannot connect to the store")
     assert "Canary-Passw0rd" not in result.stdout + result.stderr
+
+
+def test_the_store_writer_is_a_process_unless_told_otherwise():
+    assert parse({}, "engine.toml").store.writer == "process"
+    assert parse({"store": {"writer": "thread"}}, "engine.toml").store.writer == "thread"
+    with pytest.raises(ConfigError, match=r"engine.toml: store.writer: .*process.*thread"):
+        parse({"store": {"writer": "fork"}}, "engine.toml")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
-from .. import hl7
+from .. import children, hl7
 from ..store import Processed
 from .config import ChannelConfig
 from .pipeline import decide
@@ -127,18 +127,8 @@ class OwnProcess:
 
     def _end(self):
         child, self._child = self._child, None
-        if child is None:
-            return
-        for stream in (child.stdin, child.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        try:
-            child.wait(5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        if child is not None:
+            children.end(child, wait=5)
 
     def close(self):
         self._end()   # its stdin closed, the child ends

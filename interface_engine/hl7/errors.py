@@ -31,3 +31,6 @@ class HL7Error(Exception):
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+
+    def __reduce__(self):   # pickled with a message's header, e.g. to the store's writer process
+        return type(self), (self.code, self.reason)

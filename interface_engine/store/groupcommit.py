@@ -16,6 +16,10 @@ a store method that takes a list and returns one result per item. Each kind is
 written in its own transaction, so a failure in one kind never costs another its
 commit, and messages go first, so their ACKs never wait for the other kinds (sharing
 one transaction among all kinds was measured slower for that reason).
+
+With a writer process (store/writer.py, the engine's default), the thread hands
+each cycle to that process and waits on its pipe instead of writing itself: the
+store's work then runs on another core, without the engine's GIL.
 """
 
 from __future__ import annotations
@@ -29,15 +33,21 @@ from twisted.logger import Logger
 
 from ..metrics import Metrics
 from .store import Store
+from .writer import OwnProcess, WriteFailed, WriterGone
 
 log = Logger()
 
 _STOP = object()
+#: the objects whose methods the writer process runs, by the name it knows them by
+_OWNERS = {"Store": "store", "Leases": "leases"}
 
 
 class GroupCommitter:
-    def __init__(self, store: Store, reactor, *, max_batch: int = 512, metrics: Metrics | None = None):
+    def __init__(self, store: Store, reactor, *, max_batch: int = 512, metrics: Metrics | None = None,
+                 process: OwnProcess | None = None):
         self.store = store
+        #: where the batches are written: this process's thread, or the writer process (store/writer.py)
+        self.process = process
         self._commit_latency = (metrics or Metrics()).commit_latency
         self._latency_of: dict = {}   # store method -> its histogram child, taken once
         self.reactor = reactor
@@ -52,6 +62,8 @@ class GroupCommitter:
         self._gathering: list | None = None
 
     def start(self):
+        if self.process is not None:
+            self.process.start()   # raises WriteFailed if it cannot open the store
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -111,19 +123,60 @@ class GroupCommitter:
             kinds: dict = {self.store.write: []}
             for method, item, d in batch:
                 kinds.setdefault(method, []).append((item, d))
-            for method, entries in kinds.items():
-                if not entries:
-                    continue
-                started = time.perf_counter()
-                try:
-                    results = method([item for item, _ in entries])
-                except Exception as error:  # any failure means nothing in this group is durable
-                    self.reactor.callFromThread(self._fail, entries, error, method)
-                else:
-                    seconds = time.perf_counter() - started
-                    self._observe(method, seconds)
-                    self.reactor.callFromThread(self._deliver, entries, results, seconds)
+            kinds = [(method, entries) for method, entries in kinds.items() if entries]
+            if self.process is None:
+                self._write_here(kinds)
+            else:
+                self._write_elsewhere(kinds)
+        if self.process is not None:
+            self.process.close()
         self.reactor.callFromThread(self._finished)
+
+    def _write_here(self, kinds):
+        for method, entries in kinds:
+            started = time.perf_counter()
+            try:
+                results = method([item for item, _ in entries])
+            except Exception as error:  # any failure means nothing in this group is durable
+                self.reactor.callFromThread(self._fail, entries, error, method)
+            else:
+                self._done(method, entries, results, time.perf_counter() - started)
+
+    def _write_elsewhere(self, kinds, retry: bool = True):
+        requests = [(_OWNERS[type(method.__self__).__name__], method.__name__, [item for item, _ in entries])
+                    for method, entries in kinds]
+        answered = 0
+        try:
+            for ok, value, seconds in self.process.cycle(requests):
+                method, entries = kinds[answered]
+                answered += 1
+                if ok:
+                    self._done(method, entries, value, seconds)
+                else:
+                    self.reactor.callFromThread(self._fail, entries, value, method)
+            return
+        except WriterGone as gone:
+            self.process.close()
+            if retry and not gone.sent:   # it had ended while idle: nothing of this cycle reached it
+                self.reactor.callFromThread(log.warn, "the store writer process had ended; starting a new one")
+                self._write_elsewhere(kinds, retry=False)
+                return
+            error = WriteFailed(str(gone))
+        except WriteFailed as failed:   # a new writer process could not open the store
+            self.process.close()
+            error = failed
+        # Whether the kinds not answered were committed is unknown: they fail, as a failed
+        # transaction does (no ACK; processing and attempts are retried), and the next
+        # cycle starts a new writer process.
+        self.reactor.callFromThread(log.error, "{error} with {count} batches in hand; they failed, and a "
+                                    "new writer process takes the next", error=str(error),
+                                    count=len(kinds) - answered)
+        for method, entries in kinds[answered:]:
+            self.reactor.callFromThread(self._fail, entries, error, method)
+
+    def _done(self, method, entries, results, seconds: float):
+        self._observe(method, seconds)
+        self.reactor.callFromThread(self._deliver, entries, results, seconds)
 
     def _observe(self, method, seconds: float):
         child = self._latency_of.get(method)

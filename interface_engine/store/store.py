@@ -7,9 +7,11 @@ the group committer's single writer thread; the CLI calls it straight away.
 from __future__ import annotations
 
 import hashlib
+import operator
+import sqlite3
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -29,6 +31,22 @@ class StoreError(Exception):
     """The store could not be opened, read or written; the text says what to do."""
 
 
+def by_fields(cls):
+    """Pickle instances of dataclass `cls` as a call of `cls` with their fields' values.
+
+    Batches travel to the store writer and channel processor processes by pickle, and
+    dataclasses' own way looks the fields up again for every object: that cost more
+    than the rest of a batch's trip.
+    """
+    get = operator.attrgetter(*(f.name for f in fields(cls) if f.init))
+
+    def __reduce__(self):
+        return cls, get(self)
+    cls.__reduce__ = __reduce__
+    return cls
+
+
+@by_fields
 @dataclass(slots=True)
 class Incoming:
     """A message as ingest hands it over: raw bytes, routing metadata and its answer."""
@@ -69,6 +87,7 @@ class Incoming:
 STORED, DUPLICATE, CONFLICT = "stored", "duplicate", "conflict"
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class NewDelivery:
     """One destination's share of a processed message."""
@@ -80,6 +99,7 @@ class NewDelivery:
     error: str | None = None
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class Processed:
     """What the channel made of a received message: filtered out, or deliveries to queue."""
@@ -90,6 +110,7 @@ class Processed:
     deliveries: tuple[NewDelivery, ...] = ()
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class QueuedDelivery:
     id: int
@@ -101,6 +122,7 @@ class QueuedDelivery:
     output: bytes | None
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One try at a delivery and the state it leaves the delivery in."""
@@ -118,6 +140,7 @@ class Attempt:
     rerender: bool = False        # forget the payload: the next attempt renders it again
 
 
+@by_fields
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What the store did with one Incoming: the answer to send is always `ack`."""
@@ -146,6 +169,46 @@ def write_transaction(conn):
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         yield
+
+
+def driver(conn) -> "_Driver":
+    """SQLite's own connection under `conn`, in its transaction.
+
+    The write path's statements go straight to it on SQLite: SQLAlchemy's set-up of
+    each statement costs more than SQLite's own work on these small rows.
+    """
+    return _Driver(conn.connection.driver_connection)
+
+
+class _Driver:
+    """A SQLite connection whose errors are SQLAlchemy's, as every other statement's are
+    (without the parameters: they can hold message content)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def execute(self, sql: str, params=()) -> sqlite3.Cursor:
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as e:
+            raise _translated(sql, e) from None
+
+    def executemany(self, sql: str, rows) -> sqlite3.Cursor:
+        try:
+            return self._conn.executemany(sql, rows)
+        except sqlite3.Error as e:
+            raise _translated(sql, e) from None
+
+
+def _translated(sql: str, error: sqlite3.Error) -> sa.exc.DBAPIError:
+    return sa.exc.DBAPIError.instance(sql, None, error, sqlite3.Error, hide_parameters=True)
+
+
+def placeholders(n: int) -> str:
+    """`?, ?, ...` for an IN list of `n` values sent straight to SQLite."""
+    return ", ".join("?" * n)
 
 
 def utcnow() -> datetime:
@@ -193,7 +256,9 @@ class Store:
         self._sqlite_insert = (f"INSERT INTO messages ({', '.join(self._columns)}) "
                                f"VALUES ({', '.join('?' * len(self._columns))})")
         dialect = self.engine.dialect
-        self._datetime = messages.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
+        stored_time = messages.c.received_at.type.dialect_impl(dialect)
+        self._datetime = _stored_time(stored_time.bind_processor(dialect))
+        self._read_datetime = stored_time.result_processor(dialect, None)
         self._write_conn: sa.Connection | None = None
         self._plans: dict = {}   # see _execute_many
         if audit is not None:
@@ -340,7 +405,7 @@ class Store:
             return
         # One executemany through the driver costs a third of SQLAlchemy's own.
         stamp = self._datetime
-        conn.exec_driver_sql(self._sqlite_insert, [
+        driver(conn).executemany(self._sqlite_insert, [
             tuple(stamp(row[c]) if c == "received_at" else row[c] for c in self._columns)
             for row in rows])
 
@@ -357,20 +422,38 @@ class Store:
         keys = tuple(rows[0])
         plan = self._plans.get((statement, keys))
         if plan is None:
-            dialect = self.engine.dialect
-            compiled = statement.compile(dialect=dialect, column_keys=list(keys))
-            binds = []
-            for name in compiled.positiontup:
-                bind = compiled.binds[name]   # a name not in the rows is a literal, e.g. the 1 of attempts + 1
-                processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
-                binds.append((name, name in keys, bind.value, processor))
-            plan = self._plans[(statement, keys)] = (compiled.string, binds)
-        sql, binds = plan
-        conn.exec_driver_sql(sql, [
-            tuple(value if processor is None else processor(value)
-                  for name, given, default, processor in binds
-                  for value in ((row[name] if given else default),))
-            for row in rows])
+            plan = self._plans[(statement, keys)] = self._plan(statement, keys)
+        sql, values, processed = plan
+        params = [values(row) for row in rows]
+        if processed:
+            for i, processor in processed:
+                for n, row in enumerate(params):
+                    if row[i] is not None:
+                        params[n] = (*row[:i], processor(row[i]), *row[i + 1:])
+        driver(conn).executemany(sql, params)
+
+    def _plan(self, statement, keys: tuple[str, ...]):
+        """(SQL, row dict -> parameter tuple, [(position, bind processor)]) for _execute_many."""
+        dialect = self.engine.dialect
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        names, processed = compiled.positiontup, []
+        for i, name in enumerate(names):
+            bind = compiled.binds[name]
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if isinstance(bind.type, sa.DateTime):
+                processor = self._datetime
+            if processor is not None:
+                processed.append((i, processor))
+        literals = {name: compiled.binds[name].value for name in names if name not in keys}
+        if literals:   # a name not in the rows is a literal, e.g. the 1 of attempts + 1
+            def values(row, names=names, literals=literals):
+                return tuple(row[name] if name not in literals else literals[name] for name in names)
+        elif len(names) == 1:
+            def values(row, name=names[0]):
+                return (row[name],)
+        else:
+            values = operator.itemgetter(*names)
+        return compiled.string, values, processed
 
     # -- sealed contents ----------------------------------------------------------
 
@@ -382,7 +465,7 @@ class Store:
         if not count:
             return []
         if self._sqlite:
-            top = conn.exec_driver_sql(f"SELECT COALESCE(MAX(id), 0) FROM {table.name}").scalar_one()
+            top = driver(conn).execute(f"SELECT COALESCE(MAX(id), 0) FROM {table.name}").fetchone()[0]
             return list(range(top + 1, top + count + 1))
         return sorted(conn.execute(_NEXT_IDS, {"table": table.name, "count": count}).scalars())
 
@@ -405,7 +488,7 @@ class Store:
 
     def _insert_patients(self, conn, rows: list[tuple[int, str]]):
         if self._sqlite:  # straight to the driver, as for the messages themselves
-            conn.exec_driver_sql(_SQLITE_INSERT_PATIENTS, rows)
+            driver(conn).executemany(_SQLITE_INSERT_PATIENTS, rows)
         else:
             conn.execute(_INSERT_PATIENTS, [{"message_id": m, "patient_hash": h} for m, h in rows])
 
@@ -413,7 +496,12 @@ class Store:
         ids = {item.control_id for item in batch if item.state == RECEIVED and item.control_id}
         if not ids:
             return {}
-        rows = conn.execute(_EARLIER_COPIES, {"ids": list(ids), "since": now - self.duplicate_window})
+        since = now - self.duplicate_window
+        if self._sqlite:
+            rows = driver(conn).execute(_SQLITE_EARLIER_COPIES.format(ids=placeholders(len(ids))),
+                                        (*ids, self._datetime(since)))
+        else:
+            rows = conn.execute(_EARLIER_COPIES, {"ids": list(ids), "since": since})
         found: dict[tuple, _Original] = {}
         for mid, app, fac, cid, sha, ack in rows:
             found.setdefault((app, fac, cid), _Original(mid, sha, ack))
@@ -430,8 +518,12 @@ class Store:
         now = now or utcnow()
         conn = self._writer()
         with write_transaction(conn):
-            waiting = {row[0] for row in conn.execute(
-                _STILL_RECEIVED, {"ids": [p.message_id for p in batch]})}
+            ids = [p.message_id for p in batch]
+            if self._sqlite:
+                found = driver(conn).execute(_SQLITE_STILL_RECEIVED.format(ids=placeholders(len(ids))), ids)
+            else:
+                found = conn.execute(_STILL_RECEIVED, {"ids": ids})
+            waiting = {row[0] for row in found}
             done = []
             for p in batch:   # a message handed over twice in one batch moves once
                 done.append(p.message_id in waiting)
@@ -463,12 +555,19 @@ class Store:
         result = []
         with conn.begin():
             for channel, destination, limit in requests:
-                rows = conn.execute(_QUEUE_HEAD, {"channel": channel, "destination": destination,
-                                                  "limit": limit})
-                result.append([QueuedDelivery(*row[:-2], self.open(row.output, row.output_key,
-                                                                   "deliveries.output", row.id))
-                               for row in rows])
+                if self._sqlite:
+                    rows = driver(conn).execute(_SQLITE_QUEUE_HEAD, (channel, destination, limit))
+                else:
+                    rows = conn.execute(_QUEUE_HEAD, {"channel": channel, "destination": destination,
+                                                      "limit": limit})
+                result.append([self._queued(*row) for row in rows])
         return result
+
+    def _queued(self, did, message_id, state, attempts, next_at, target, output, output_key) -> QueuedDelivery:
+        if type(next_at) is str:   # SQLite's text, read past SQLAlchemy
+            next_at = self._read_datetime(next_at)
+        return QueuedDelivery(did, message_id, state, attempts, next_at, target,
+                              self.open(output, output_key, "deliveries.output", did))
 
     def record_attempts(self, batch: list[Attempt], now: datetime | None = None) -> list[None]:
         """Each attempt, its delivery's new state and its message's state, in one transaction."""
@@ -615,6 +714,7 @@ _STILL_RECEIVED = (select(messages.c.id)
                    .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)),
                           messages.c.state == RECEIVED)
                    .order_by(messages.c.id).with_for_update())
+_SQLITE_STILL_RECEIVED = f"SELECT id FROM messages WHERE id IN ({{ids}}) AND state = '{RECEIVED}'"
 _INSERT_DELIVERIES = insert(deliveries)
 _INSERT_ATTEMPTS = insert(attempts)
 _STILL_WAITING = (select(deliveries.c.id, deliveries.c.message_id)
@@ -638,6 +738,9 @@ _QUEUE_HEAD = (
            deliveries.c.destination == sa.bindparam("destination"),
            deliveries.c.state.in_(PENDING_STATES))
     .order_by(deliveries.c.id).limit(sa.bindparam("limit")))
+_SQLITE_QUEUE_HEAD = ("SELECT id, message_id, state, attempts, next_attempt_at, target, output, output_key "
+                      "FROM deliveries WHERE channel = ? AND destination = ? "
+                      f"AND state IN ({', '.join(repr(state) for state in PENDING_STATES)}) ORDER BY id LIMIT ?")
 
 _SETTLE = sa.text(f"""
     UPDATE messages SET state = (
@@ -658,6 +761,23 @@ _EARLIER_COPIES = (
            messages.c.received_at >= sa.bindparam("since"),
            messages.c.state != REJECTED)
     .order_by(messages.c.id))
+
+_SQLITE_EARLIER_COPIES = ("SELECT id, sending_application, sending_facility, control_id, sha256, ack "
+                          "FROM messages WHERE control_id IN ({ids}) AND received_at >= ? "
+                          f"AND state != '{REJECTED}' ORDER BY id")
+
+
+def _stored_time(processor):
+    """SQLite's DateTime bind `processor`, with the engine's own naive UTC datetimes written at
+    once in the same text (SQLAlchemy's formatting is several times slower)."""
+    if processor is None:   # PostgreSQL: the driver takes datetimes
+        return lambda value: value
+
+    def stored(value):
+        if type(value) is datetime and value.tzinfo is None:
+            return value.isoformat(" ", "microseconds")
+        return processor(value)
+    return stored
 
 
 def _row(item: Incoming, now: datetime, node: str | None) -> dict:
