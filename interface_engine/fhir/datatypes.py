@@ -165,6 +165,7 @@ _OID = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+", re.ASCII)
 _URI = re.compile(r"(?:https?|urn):\S+", re.ASCII | re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 _MAX_DEFAULTS = 256
+_UNKNOWN = object()
 _MAX_NUMBER = 40  # characters; a longer "number" is not a measurement
 _COMPARATORS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
 _ORIGINAL_TEXT = "http://hl7.org/fhir/StructureDefinition/originalText"
@@ -189,7 +190,7 @@ class _Value:
     that are present have one sub-component. ``text``: the text ``parts`` were split from.
     """
 
-    __slots__ = ("_parts", "_delimiters", "_encoding", "_sub", "_esc", "_plain")
+    __slots__ = ("_parts", "_delimiters", "_encoding", "_sub", "_esc", "_plain", "_escaped")
 
     def __init__(self, parts: list[str], text: str, delimiters: Delimiters, encoding: str):
         self._parts = parts
@@ -197,8 +198,9 @@ class _Value:
         self._encoding = encoding
         self._sub = sub = delimiters.subcomponent_sep
         self._esc = esc = delimiters.escape_char
+        self._escaped = escaped = bool(esc and esc in text)
         # no sub-component to split off and no escape to decode: most values
-        self._plain = not ((sub and sub in text) or (esc and esc in text))
+        self._plain = not (escaped or (sub and sub in text))
 
     def count(self, component: int | None = None) -> int:
         """How many components there are, or how many sub-components ``component`` has."""
@@ -210,7 +212,10 @@ class _Value:
         """``['', get(1), get(2), ... get(n)]`` (item c is component c), read in one pass: the
         datatype maps take most of a value's components."""
         parts = self._parts[:n]
-        if self._plain and '""' not in parts:
+        if not self._plain and not self._escaped:  # sub-components (an assigning authority): the first of each
+            sub = self._sub
+            parts = [p.partition(sub)[0] for p in parts]
+        if not self._escaped and '""' not in parts:
             out = ["", *map(str.strip, parts)]
             if len(out) <= n:
                 out += [""] * (n + 1 - len(out))
@@ -291,7 +296,7 @@ def _period(start: str | None, end: str | None) -> dict | None:
     return out or None
 
 
-def _identifier_system(rows: dict, namespace: str, universal: str, kind: str) -> str | None:
+def _find_identifier_system(rows: dict, namespace: str, universal: str, kind: str) -> str | None:
     """CX.4 as an Identifier.system: the table, else HD.2 by HD.3, else urn:id:HD.1."""
     if namespace:
         row = rows.get(namespace)
@@ -322,7 +327,8 @@ class FHIRNamespace:
     (header, rows by code); ``zone()`` the time zone of the render under way.
     """
 
-    __slots__ = ("_tables", "_zone", "_found", "_defaults", "_tables_read")
+    __slots__ = ("_tables", "_zone", "_found", "_defaults", "_systems", "_authorities",
+                 "_tables_read")
 
     def __init__(self, tables: Callable[[str], tuple], zone: Callable[[], tzinfo] | None = None):
         self._tables = tables
@@ -335,6 +341,10 @@ class FHIRNamespace:
         # for empty fields): the table lookup and patterns run once per name; the first
         # _MAX_DEFAULTS names only, should a template take them from messages.
         self._defaults: dict[str, str] = {}
+        # The URIs of the coding system names (and OIDs) of the codings read, the same way: a
+        # message names a few systems, each of which cost a table lookup and up to four patterns.
+        self._systems: dict[tuple[str, str], str | None] = {}
+        self._authorities: dict[tuple[str, str, str], str | None] = {}  # CX.4's, the same way
         self._tables_read = False  # every table of _READ_TABLES found (see _filled)
 
     def __repr__(self) -> str:
@@ -354,7 +364,7 @@ class FHIRNamespace:
         """Every CX repetition with a value as an Identifier."""
         if type is not None and not isinstance(type, str):
             raise HelperError("fhir.identifiers: type= is a v2-0203 code such as 'MR'")
-        header, systems = self._table("identifiers", "identifier-systems", "system")
+        self._table("identifiers", "identifier-systems", "system")  # missing: an error even for empty values
         values = self._values(src, path, "identifiers")
         if not values:  # most fields a mapping reads
             return []
@@ -365,13 +375,26 @@ class FHIRNamespace:
                 continue
             ident = PrunedDict()
             ident["value"] = c[1]
-            _put(ident, "system", _identifier_system(systems, c[4], v.get(4, 2), v.get(4, 3)))
+            _put(ident, "system", self._identifier_system(c[4], v.get(4, 2), v.get(4, 3)))
             code = c[5] or (type or "").strip()
             if code:
                 ident["type"] = {"coding": [{"system": V2_0203, "code": code}]}
-            _put(ident, "period", _period(self._dt(c[7]), self._dt(c[8])))
+            if c[7] or c[8]:  # most values have no period: no calls for them
+                _put(ident, "period", _period(self._dt(c[7]), self._dt(c[8])))
             out.append(ident)
         return out
+
+    def _identifier_system(self, namespace: str, universal: str, kind: str) -> str | None:
+        """_find_identifier_system, once per assigning authority (the first _MAX_DEFAULTS): a
+        message names a few, each of which cost a table lookup and a pattern or two."""
+        key = (namespace, universal, kind)
+        found = self._authorities.get(key, _UNKNOWN)
+        if found is _UNKNOWN:
+            header, rows = self._table("identifiers", "identifier-systems", "system")
+            found = _find_identifier_system(rows, namespace, universal, kind)
+            if len(self._authorities) < _MAX_DEFAULTS:
+                self._authorities[key] = found
+        return found
 
     def identifier(self, src, path, type=None) -> dict | None:
         """The first of ``identifiers``, or none."""
@@ -399,7 +422,8 @@ class FHIRNamespace:
                 start, end = c[12], c[13]
                 if not (start or end):
                     start, end = c[10], v.get(10, 2)
-                _put(name, "period", _period(self._dt(start), self._dt(end)))
+                if start or end:
+                    _put(name, "period", _period(self._dt(start), self._dt(end)))
                 out.append(name)
             called = c[15]
             if called:
@@ -433,7 +457,8 @@ class FHIRNamespace:
             start, end = c[13], c[14]
             if not (start or end):
                 start, end = c[12], v.get(12, 2)
-            _put(address, "period", _period(self._dt(start), self._dt(end)))
+            if start or end:
+                _put(address, "period", _period(self._dt(start), self._dt(end)))
             out.append(address)
         return out
 
@@ -470,7 +495,8 @@ class FHIRNamespace:
             rank = _number(c[18])
             if isinstance(rank, int) and rank > 0:
                 point["rank"] = rank
-            _put(point, "period", _period(self._dt(c[13]), self._dt(c[14])))
+            if c[13] or c[14]:
+                _put(point, "period", _period(self._dt(c[13]), self._dt(c[14])))
             out.append(point)
         return out
 
@@ -540,6 +566,15 @@ class FHIRNamespace:
 
     def _system(self, name: str, oid: str) -> str | None:
         """The URI of a v2 coding system name (or its OID); none when unknown."""
+        key = (name, oid)
+        found = self._systems.get(key, _UNKNOWN)
+        if found is _UNKNOWN:
+            found = self._find_system(name, oid)
+            if len(self._systems) < _MAX_DEFAULTS:
+                self._systems[key] = found
+        return found
+
+    def _find_system(self, name: str, oid: str) -> str | None:
         if name:
             header, rows = self._table("concepts", "coding-systems", "system")
             row = rows.get(name) or rows.get(name.upper())
