@@ -781,16 +781,20 @@ class FHIRHelpers(FHIRNamespace):
                 interpretation.append(_coded(_INTERPRETATION, mapped))
             elif flag and flag != NULL:
                 interpretation.append(_coded(_V2 + "0078", flag))
-        made = self.practitioners(obx, "OBX-16")
-        resources, performers = made["resources"], made["refs"]
-        made = self.organization(obx, "OBX-23")
-        resources += made["resources"]
-        if made["ref"]:
-            performers.append(made["ref"])
+        filled = self._filled(obx, "OBX")  # most of the fields below are empty: no helper call for those
+        resources, performers = [], []
+        if filled[16]:
+            made = self.practitioners(obx, "OBX-16")
+            resources, performers = made["resources"], made["refs"]
+        if filled[23]:
+            made = self.organization(obx, "OBX-23")
+            resources += made["resources"]
+            if made["ref"]:
+                performers.append(made["ref"])
         result_status = obx["OBX-11.1"].strip().upper()
         status = self.code(result_status, "v2-0085-observation-status") or ctx.get("status") or "unknown"
         reference_range = self.reference_range(obx, "OBX-7", "OBX-6")
-        identifier = self.ei(obx, "OBX-21", "FILL") if obx["OBX-21"] else None
+        identifier = self.ei(obx, "OBX-21", "FILL") if filled[21] and obx["OBX-21"] else None
         resources.append(dict({
             "resourceType": "Observation",
             "id": obsid,
@@ -803,13 +807,13 @@ class FHIRHelpers(FHIRNamespace):
             "subject": ctx.get("subject"),
             "focus": ctx.get("focus") or [],
             "encounter": ctx.get("encounter"),
-            "effectiveDateTime": self.datetime(obx, "OBX-14") or ctx.get("effective"),
+            "effectiveDateTime": (self.datetime(obx, "OBX-14") if filled[14] else None) or ctx.get("effective"),
             "performer": performers,
             "dataAbsentReason": _NOT_ASKED if not value and not components and result_status == "N" else None,
             "interpretation": interpretation,
             "note": ctx.get("notes") or [],
-            "bodySite": self.concept(obx, "OBX-20"),
-            "method": self.concept(obx, "OBX-17"),
+            "bodySite": self.concept(obx, "OBX-20") if filled[20] else None,
+            "method": self.concept(obx, "OBX-17") if filled[17] else None,
             "specimen": ctx.get("specimen"),
             "referenceRange": [reference_range] if reference_range else [],
             "component": components,
