@@ -456,8 +456,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             # for the sandbox to refuse and no context to pass, so called as Context.call would
             # call them, without its checks (which, for a class, raise and catch AttributeError
             # three times: some 20,000 instructions a namespace()).
-            kwargs.pop("_block_vars", None)
-            kwargs.pop("_loop_vars", None)
+            if kwargs:  # inside a loop or block Jinja passes its variables
+                kwargs.pop("_block_vars", None)
+                kwargs.pop("_loop_vars", None)
             try:
                 return obj(*args, **kwargs)
             except StopIteration:
