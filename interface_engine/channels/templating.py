@@ -450,20 +450,21 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         raise _Forbidden(f"access to an unsafe item of a {type(obj).__name__} object is not allowed")
 
     def call(self, context, obj, /, *args, **kwargs):
-        kind = type(obj)
-        if (kind is MethodType and type(obj.__self__) in _OWN_HELPERS) or obj is Namespace or obj is dict:
-            # The engine's own helpers and message views, ``namespace()`` and ``dict()``: nothing
-            # for the sandbox to refuse and no context to pass, so called as Context.call would
-            # call them, without its checks (which, for a class, raise and catch AttributeError
-            # three times: some 20,000 instructions a namespace()).
+        if (type(obj) is MethodType and type(obj.__self__) in _OWN_HELPERS) or obj is Namespace or obj is dict \
+                or type(obj) is Macro:
+            # The engine's own helpers and message views, ``namespace()``, ``dict()`` and macros:
+            # nothing for the sandbox to refuse and no context to pass, so called as Context.call
+            # would call them, without its checks (which, for a class or a macro, raise and catch
+            # AttributeError: some 20,000 instructions a namespace(), 10,000 a macro call).
             if kwargs:  # inside a loop or block Jinja passes its variables
                 kwargs.pop("_block_vars", None)
                 kwargs.pop("_loop_vars", None)
             try:
-                return obj(*args, **kwargs)
+                rv = obj(*args, **kwargs)
             except StopIteration:
-                return self.undefined("value was undefined because a callable raised a StopIteration exception")
-        rv = super().call(context, obj, *args, **kwargs)
+                rv = self.undefined("value was undefined because a callable raised a StopIteration exception")
+        else:
+            rv = super().call(context, obj, *args, **kwargs)
         # A macro's output was rendered here, its values already escaped.
         if self.fragment is not None and isinstance(obj, Macro):
             return self.fragment(rv)
