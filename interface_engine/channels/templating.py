@@ -455,7 +455,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             # The engine's own helpers and message views, ``namespace()``, ``dict()`` and macros:
             # nothing for the sandbox to refuse and no context to pass, so called as Context.call
             # would call them, without its checks (which, for a class or a macro, raise and catch
-            # AttributeError: some 20,000 instructions a namespace(), 10,000 a macro call).
+            # AttributeError: some 20,000 instructions a namespace() or a macro call).
             if kwargs:  # inside a loop or block Jinja passes its variables
                 kwargs.pop("_block_vars", None)
                 kwargs.pop("_loop_vars", None)
