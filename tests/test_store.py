@@ -1,7 +1,5 @@
 """The store on SQLite and PostgreSQL: schema, one-transaction batches, duplicates."""
 
-import errno
-import os
 from datetime import timedelta
 
 import pytest
@@ -158,58 +156,3 @@ def test_a_message_processed_twice_in_one_batch_leaves_received_once(store):
     assert store.count_deliveries(message_id=stored.message_id) == 1
     assert store.save_processing([result]) == [False]
 
-
-def _fsyncs(monkeypatch) -> list[str]:
-    """The files the store's own code fsyncs, by name (SQLite's syncs happen in C and are not seen)."""
-    from interface_engine.store import store as module
-
-    synced, real = [], module.os.fsync
-
-    def fsync(fd):
-        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-        real(fd)
-    monkeypatch.setattr(module.os, "fsync", fsync)
-    return synced
-
-
-def test_commits_in_synced_once_share_one_sync_of_the_log_at_its_end(sqlite_url, monkeypatch):
-    s = Store(sqlite_url)
-    s.check_schema()
-    synced = _fsyncs(monkeypatch)
-    sqlite = s._writer().connection.driver_connection
-    sync_level = lambda: sqlite.execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731
-    with s.synced_once():
-        assert sync_level() == 1  # NORMAL: the commits below do not wait for the disk
-        s.write([item("C1")])
-        s.write([item("C2")])
-        assert synced == []
-    assert synced == ["store.db-wal"]
-    assert sync_level() == 2  # FULL again for the messages' own commits
-    s.close()
-
-
-def test_the_writer_answers_messages_at_once_and_the_other_kinds_after_the_sync(sqlite_url, monkeypatch):
-    from interface_engine.store.writer import _cycle
-
-    s = Store(sqlite_url)
-    s.check_schema()
-    synced = _fsyncs(monkeypatch)
-
-    class Writer:
-        store = s
-
-        @staticmethod
-        def run(owner, name, items):
-            return True, getattr(s, name)(items), 0.0
-
-    answers = _cycle(Writer, [("store", "write", [item("C1")]), ("store", "record_journaled", [(999,)])])
-    ok, results, _ = next(answers)
-    assert ok and results[0].kind == STORED and synced == []   # the ACK does not wait for the rest
-    assert next(answers) == (True, [0], 0.0) and synced == ["store.db-wal"]
-
-    def broken(fd):
-        raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr("interface_engine.store.store.os.fsync", broken)
-    assert list(_cycle(Writer, [("store", "record_journaled", [(999,)])])) == [
-        (False, "the store's log could not be synced to disk: Input/output error", 0.0)]
-    s.close()

@@ -6,10 +6,8 @@ the group committer's single writer thread; the CLI calls it straight away.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import operator
-import os
 import sqlite3
 import uuid
 from contextlib import contextmanager
@@ -204,12 +202,6 @@ class _Driver:
             raise _translated(sql, e) from None
 
 
-def _write_ahead_log(sqlite: sqlite3.Connection) -> str | None:
-    """The path of a SQLite database's WAL file; None for a database in memory."""
-    path = next((row[2] for row in sqlite.execute("PRAGMA database_list") if row[1] == "main"), "")
-    return f"{path}-wal" if path else None
-
-
 def _translated(sql: str, error: sqlite3.Error) -> sa.exc.DBAPIError:
     return sa.exc.DBAPIError.instance(sql, None, error, sqlite3.Error, hide_parameters=True)
 
@@ -235,8 +227,7 @@ def create_engine(url: str) -> sa.Engine:
 
 def _sqlite_pragmas(dbapi_connection, _record):
     # WAL lets readers (the CLI) run beside the writer; FULL syncs the WAL on every
-    # commit, because NORMAL can lose acknowledged commits on power loss (Store.synced_once
-    # defers it only where one sync follows before anything is answered).
+    # commit, because NORMAL can lose acknowledged commits on power loss.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
@@ -393,39 +384,6 @@ class Store:
             if self.audit:
                 self.audit.stored(conn, batch, outcomes, now)
         return outcomes
-
-    @contextmanager
-    def synced_once(self):
-        """Commits of the write path inside the block skip SQLite's sync of the log, and one
-        sync at the end makes them all durable: a writer cycle's processing results, attempts
-        and leases then cost one fsync instead of one each.
-
-        Their callers must be answered only after the block: until then a power loss could
-        take those commits back (never the database's consistency). Raises OSError if the sync
-        fails, and then nothing of the block may be reported durable. Elsewhere than on SQLite
-        each commit stays durable on its own.
-        """
-        if not self._sqlite:
-            yield
-            return
-        sqlite = self._writer().connection.driver_connection
-        sqlite.execute("PRAGMA synchronous=NORMAL")
-        try:
-            yield
-        finally:
-            with contextlib.suppress(sqlite3.Error):   # a broken connection is replaced, with FULL
-                sqlite.execute("PRAGMA synchronous=FULL")
-        log = _write_ahead_log(sqlite)
-        if log is None:
-            return
-        try:
-            fd = os.open(log, os.O_RDONLY)
-        except FileNotFoundError:   # removed by the last connection's close, after a checkpoint that synced
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _writer(self) -> sa.Connection:
         """The write path's own connection: no pool round trip per batch.

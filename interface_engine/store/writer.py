@@ -4,9 +4,8 @@ The group committer's thread hands each cycle's batches (messages first, then
 processing results, attempts, queue reads, leases) to this process and waits on
 the pipe, so the engine's GIL stays with the reactor: sealing contents, chaining
 audit events and SQLite's own work run on another core. Each kind is committed in
-its own transaction. The messages are answered as soon as they are committed, so
-ACKs never wait for the rest of the cycle; the other kinds share one sync of the
-store's log and are answered after it (see `_cycle`).
+its own transaction and answered as soon as it is, so ACKs never wait for the rest
+of the cycle.
 
 A plain child (``python -c "...store.writer import main; main()"``) with pickled requests
 over its stdin and answers over its stdout, as the channel processor's. It ends
@@ -151,27 +150,6 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def _cycle(writer: _Writer, kinds: list[tuple[str, str, list]]):
-    """Each kind's answer, in order, once what it committed is durable.
-
-    The messages (first, when there are any) commit and sync on their own, for their
-    ACKs; the other kinds' commits share one sync (Store.synced_once), and their answers
-    wait for it.
-    """
-    if kinds[0][:2] == ("store", "write"):
-        yield writer.run(*kinds[0])
-        kinds = kinds[1:]
-    if not kinds:
-        return
-    try:
-        with writer.store.synced_once():
-            held = [writer.run(*kind) for kind in kinds]
-    except OSError as error:
-        why = f"the store's log could not be synced to disk: {error.strerror or type(error).__name__}"
-        held = [(False, why, 0.0)] * len(kinds)
-    yield from held
-
-
 def _serve(requests, answers):
     """Answer requests until the engine closes the pipe (or is gone)."""
     writer = None
@@ -197,8 +175,8 @@ def _serve(requests, answers):
             answers.flush()
             break
         writer.watch_keys()
-        for answer in _cycle(writer, request[1]):
-            pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
+        for owner, name, items in request[1]:
+            pickle.dump(writer.run(owner, name, items), answers, protocol=pickle.HIGHEST_PROTOCOL)
             answers.flush()
     if writer is not None:
         writer.store.close()
