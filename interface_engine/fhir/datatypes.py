@@ -172,6 +172,13 @@ _RANGE = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*-\s*([+-]?(?:
                     re.ASCII)
 _BOUND = re.compile(r"\s*(<=|>=|<|>)\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*", re.ASCII)
 _PRECISIONS = (None, "year", "month", "day", "second")
+#: The tables the datatype helpers read even for an empty field (see FHIRNamespace._filled).
+_READ_TABLES = (("identifier-systems", "system"), ("v2-0200-name-use", "display"),
+                ("v2-0190-address-use", "display"), ("v2-0190-address-type", "display"),
+                ("v2-0202-telecom-system", "display"), ("v2-0201-telecom-use", "display"),
+                ("coding-systems", "system"))
+_PAST_THE_END = [""] * 100  # the segment maps look at fields 1-99
+_EVERY_FIELD = ["filled"] * 100
 _TRIPLETS = ((1, 2, 3, 7, 14), (4, 5, 6, 8, 17), (10, 11, 12, 13, 20))  # code, display, system, version, OID
 
 
@@ -315,7 +322,7 @@ class FHIRNamespace:
     (header, rows by code); ``zone()`` the time zone of the render under way.
     """
 
-    __slots__ = ("_tables", "_zone", "_found", "_defaults")
+    __slots__ = ("_tables", "_zone", "_found", "_defaults", "_tables_read")
 
     def __init__(self, tables: Callable[[str], tuple], zone: Callable[[], tzinfo] | None = None):
         self._tables = tables
@@ -328,6 +335,7 @@ class FHIRNamespace:
         # for empty fields): the table lookup and patterns run once per name; the first
         # _MAX_DEFAULTS names only, should a template take them from messages.
         self._defaults: dict[str, str] = {}
+        self._tables_read = False  # every table of _READ_TABLES found (see _filled)
 
     def __repr__(self) -> str:
         return "<fhir helpers>"
@@ -725,6 +733,28 @@ class FHIRNamespace:
             self._found[(table, column)] = header, rows
             return header, rows
         raise HelperError(f"fhir.{fn}: {reason}")
+
+    def _filled(self, seg: TemplateSegment, name: str) -> list[str]:
+        """Each field's encoded text by number ('' when empty or absent, up to field 99) in
+        segment ``name``, for a segment map to look at before it asks a helper to read the field:
+        most fields a map reads are empty, and a helper's read of an empty one still costs some
+        5,000 instructions (the calls, the path, the segment). In another segment (which the
+        helpers refuse to read by these paths), and while a table the helpers read is missing
+        (which a helper reports even for an empty field), every field reads as filled: each
+        read goes to the helper, as without the check."""
+        segment = seg._segment
+        if segment.name != name or not (self._tables_read or self._read_tables()):
+            return _EVERY_FIELD
+        return (segment._parts or segment._fields()) + _PAST_THE_END
+
+    def _read_tables(self) -> bool:
+        try:
+            for table, column in _READ_TABLES:
+                self._table("_filled", table, column)
+        except HelperError:
+            return False
+        self._tables_read = True
+        return True
 
     def _first(self, src, path, fn: str) -> _Value | None:
         values = self._values(src, path, fn)

@@ -58,8 +58,8 @@ _V2 = "http://terminology.hl7.org/CodeSystem/v2-"
 _VN = PrunedDict(_coded(V2_0203, "VN"), text="visit number")
 _UNKNOWN_CLASS = PrunedDict(system="http://terminology.hl7.org/CodeSystem/v3-NullFlavor", code="UNK",
                             display="unknown")
-_ENCOUNTER_PRACTITIONERS = (("PV1-7", "ATND", "attender"), ("PV1-8", "REF", "referrer"),
-                            ("PV1-9", "CON", "consultant"), ("PV1-17", "ADM", "admitter"))
+_ENCOUNTER_PRACTITIONERS = ((7, "ATND", "attender"), (8, "REF", "referrer"), (9, "CON", "consultant"),
+                            (17, "ADM", "admitter"))  # PV1 fields
 _ORGANISATION_CONTACTS = ("EMR", "E", "F", "I", "S")  # NK1-3 codes naming an organisation, not a person
 _ALLERGY_CATEGORY = {"DA": "medication", "FA": "food", "EA": "environment", "AA": "environment",
                      "PA": "environment", "LA": "environment", "MA": None, "MC": "medication"}
@@ -376,17 +376,19 @@ class FHIRHelpers(FHIRNamespace):
         if pid is None:
             raise HelperError("fhir.patient reads a PID segment")
         mrns, patient_id = self._patient_key(pid)
-        identifiers = self.identifiers(pid, "PID-2") + mrns + self.identifiers(pid, "PID-4")
-        ssn = pid["PID-19"]
+        filled = self._filled(pid, "PID")  # most of the fields below are empty: no helper call for those
+        identifiers = ((self.identifiers(pid, "PID-2") if filled[2] else []) + mrns
+                       + (self.identifiers(pid, "PID-4") if filled[4] else []))
+        ssn = pid["PID-19"] if filled[19] else ""
         if ssn and ssn != NULL:
             identifiers.append({"system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn,
                                 "type": _coded(V2_0203, "SS")})
-        licence = pid["PID-20.1"]
+        licence = pid["PID-20.1"] if filled[20] else ""
         if licence and licence != NULL:
             identifiers.append({"value": licence, "type": _coded(V2_0203, "DL")})
         telecom = []
-        for f, default_use in (("PID-13", "home"), ("PID-14", "work"), ("PID-40", None)):
-            for t in self.telecoms(pid, f):
+        for n, default_use in ((13, "home"), (14, "work"), (40, None)):
+            for t in self.telecoms(pid, f"PID-{n}") if filled[n] else ():
                 use = t.get("use") or default_use
                 telecom.append(PrunedDict(t, use=use) if use else dict(t, use=use))
         resources, gp = [], []
@@ -399,34 +401,35 @@ class FHIRHelpers(FHIRNamespace):
             if made["ref"]:
                 gp.append(made["ref"])
         extensions = []
-        maiden = pid["PID-6.1.1"]
+        maiden = pid["PID-6.1.1"] if filled[6] else ""
         if maiden and maiden != NULL:
             extensions.append({"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
                                "valueString": maiden})
-        religion = self.concept(pid, "PID-17", _V2 + "0006")
+        religion = self.concept(pid, "PID-17", _V2 + "0006") if filled[17] else None
         if religion:
             extensions.append({"url": "http://hl7.org/fhir/StructureDefinition/patient-religion",
                                "valueCodeableConcept": religion})
-        birthplace = pid["PID-23"]
+        birthplace = pid["PID-23"] if filled[23] else ""
         if birthplace and birthplace != NULL:
             extensions.append({"url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
                                "valueAddress": {"text": birthplace}})
-        birth_date = self.date(pid, "PID-7")
+        birth_date = self.date(pid, "PID-7") if filled[7] else None
         birth_time = None
-        if len(_text(pid["PID-7.1"])) > 8 and birth_date:
+        if birth_date and len(_text(pid["PID-7.1"])) > 8:
             birth_time = {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
                                          "valueDateTime": self.datetime(pid, "PID-7")}]}
-        death = self.datetime(pid, "PID-29")
-        death_flag, multiple = pid["PID-30"], pid["PID-24"]
-        birth_order = _int(pid["PID-25"], -1)
-        language = self.concept(pid, "PID-15", "urn:ietf:bcp:47")
+        death = self.datetime(pid, "PID-29") if filled[29] else None
+        death_flag = pid["PID-30"] if filled[30] else ""
+        multiple = pid["PID-24"] if filled[24] else ""
+        birth_order = _int(pid["PID-25"], -1) if filled[25] else -1
+        language = self.concept(pid, "PID-15", "urn:ietf:bcp:47") if filled[15] else None
         resources.append({
             "resourceType": "Patient",
             "id": patient_id,
             "extension": extensions,
             "identifier": identifiers,
             "active": active,
-            "name": self.names(pid, "PID-5") + self.names(pid, "PID-9"),
+            "name": self.names(pid, "PID-5") + (self.names(pid, "PID-9") if filled[9] else []),
             "telecom": telecom,
             "gender": self.code(pid["PID-8.1"], "v2-0001-gender"),
             "birthDate": birth_date,
@@ -455,16 +458,19 @@ class FHIRHelpers(FHIRNamespace):
         nk1 = _segment(nk1, "next_of_kin")
         if nk1 is None:
             return {"contact": None, "resources": [], "ref": None}
-        names = self.names(nk1, "NK1-2")
+        filled = self._filled(nk1, "NK1")  # most of the fields below are empty: no helper call for those
+        names = self.names(nk1, "NK1-2") if filled[2] else []
         relationship = self._relationship(nk1, "NK1-3")
-        role = self.concept(nk1, "NK1-7", _V2 + "0131")
+        role = self.concept(nk1, "NK1-7", _V2 + "0131") if filled[7] else None
         relationships = PrunedList([x for x in (relationship, role) if x])
-        telecom = self.telecoms(nk1, "NK1-5") + [dict(t, use="work") for t in self.telecoms(nk1, "NK1-6")]
-        other_telecom = self.telecoms(nk1, "NK1-40")
-        period = {"start": self.datetime(nk1, "NK1-8"), "end": self.datetime(nk1, "NK1-9")}
-        organisation = nk1["NK1-13.1"]
-        gender = self.code(nk1["NK1-15.1"], "v2-0001-gender")
-        addresses = self.addresses(nk1, "NK1-4")
+        telecom = ((self.telecoms(nk1, "NK1-5") if filled[5] else [])
+                   + [dict(t, use="work") for t in (self.telecoms(nk1, "NK1-6") if filled[6] else ())])
+        other_telecom = self.telecoms(nk1, "NK1-40") if filled[40] else []
+        period = {"start": self.datetime(nk1, "NK1-8") if filled[8] else None,
+                  "end": self.datetime(nk1, "NK1-9") if filled[9] else None}
+        organisation = nk1["NK1-13.1"] if filled[13] else ""
+        gender = self.code(nk1["NK1-15.1"] if filled[15] else "", "v2-0001-gender")
+        addresses = self.addresses(nk1, "NK1-4") if filled[4] else []
         contact = {
             "relationship": relationships,
             "name": names[0] if names else None,
@@ -481,15 +487,17 @@ class FHIRHelpers(FHIRNamespace):
             "resourceType": "RelatedPerson",
             "id": rpid,
             "patient": _ref("Patient", patient_id),
-            "identifier": self.identifiers(nk1, "NK1-12") + self.identifiers(nk1, "NK1-33"),
+            "identifier": ((self.identifiers(nk1, "NK1-12") if filled[12] else [])
+                           + (self.identifiers(nk1, "NK1-33") if filled[33] else [])),
             "relationship": relationships,
-            "name": names + self.names(nk1, "NK1-30"),
-            "telecom": telecom + self.telecoms(nk1, "NK1-31") + other_telecom,
-            "address": addresses + self.addresses(nk1, "NK1-32"),
+            "name": names + (self.names(nk1, "NK1-30") if filled[30] else []),
+            "telecom": telecom + (self.telecoms(nk1, "NK1-31") if filled[31] else []) + other_telecom,
+            "address": addresses + (self.addresses(nk1, "NK1-32") if filled[32] else []),
             "gender": gender,
-            "birthDate": self.date(nk1, "NK1-16"),
+            "birthDate": self.date(nk1, "NK1-16") if filled[16] else None,
             "period": period,
-            "communication": [{"language": self.concept(nk1, "NK1-20", "urn:ietf:bcp:47")}] if nk1["NK1-20"] else [],
+            "communication": [{"language": self.concept(nk1, "NK1-20", "urn:ietf:bcp:47")}]
+            if filled[20] and nk1["NK1-20"] else [],
         }]}
 
     def _relationship(self, seg: TemplateSegment, f: str) -> dict | None:
@@ -544,21 +552,25 @@ class FHIRHelpers(FHIRNamespace):
         eid = self._encounter_id(pv1, visit, patient_id)
         if not eid:
             return {"resources": [], "id": None, "ref": None}
+        filled = self._filled(pv1, "PV1")  # most of the fields below are empty: no helper call for those
         patient_class = pv1["PV1-2.1"].strip()
-        discharged = self.datetime(pv1, "PV1-45")
+        discharged = self.datetime(pv1, "PV1-45") if filled[45] else None
         status = status or ("finished" if discharged else "planned" if patient_class == "P"
                             else "unknown" if patient_class in ("", "U", NULL) else "in-progress")
         resources, participants, locations = [], [], []
-        roles = list(_ENCOUNTER_PRACTITIONERS) + ([("PV2-13", "REF", "referrer")] if pv2 is not None else [])
-        for f, code, display in roles:
-            made = self.practitioners(pv2 if f.startswith("PV2") else pv1, f)
+        roles = [(pv1, f"PV1-{n}", code, display) for n, code, display in _ENCOUNTER_PRACTITIONERS if filled[n]]
+        if pv2 is not None:
+            roles.append((pv2, "PV2-13", "REF", "referrer"))
+        for seg, f, code, display in roles:
+            made = self.practitioners(seg, f)
             resources += made["resources"]
             for ref in made["refs"]:
                 participants.append({"type": PrunedList((_coded(PARTICIPATION, code, display),)), "individual": ref})
         first = "planned" if patient_class == "P" else "completed" if discharged else "active"
-        for f, location_status in (("PV1-3", first), ("PV1-6", "completed"), ("PV1-11", "active"),
-                                   ("PV1-42", "reserved")):
-            made = self.location(pv1, f)
+        for n, location_status in ((3, first), (6, "completed"), (11, "active"), (42, "reserved")):
+            if not filled[n]:
+                continue
+            made = self.location(pv1, f"PV1-{n}")
             resources += made["resources"]
             if made["ref"]:
                 locations.append({"location": made["ref"], "status": location_status})
@@ -566,26 +578,28 @@ class FHIRHelpers(FHIRNamespace):
         resources.append({
             "resourceType": "Encounter",
             "id": eid,
-            "identifier": PrunedList((PrunedDict(visit, type=_VN),)) if visit else self.identifiers(pv1, "PV1-50"),
+            "identifier": PrunedList((PrunedDict(visit, type=_VN),)) if visit
+            else self.identifiers(pv1, "PV1-50") if filled[50] else [],
             "status": status,
             "class": self.coding(patient_class, "v2-0004-encounter-class") or _UNKNOWN_CLASS,
-            "type": [c for c in (self.concept(pv1, "PV1-4", _V2 + "0007"),) if c],
-            "serviceType": self.concept(pv1, "PV1-10", _V2 + "0069"),
+            "type": [c for c in (self.concept(pv1, "PV1-4", _V2 + "0007"),) if c] if filled[4] else [],
+            "serviceType": self.concept(pv1, "PV1-10", _V2 + "0069") if filled[10] else None,
             "priority": self.concept(pv2, "PV2-25", _V2 + "0217") if pv2 is not None else None,
             "subject": _ref("Patient", patient_id),
             "participant": participants,
-            "period": {"start": self.datetime(pv1, "PV1-44"), "end": discharged},
+            "period": {"start": self.datetime(pv1, "PV1-44") if filled[44] else None, "end": discharged},
             "length": {"value": length, "unit": "days", "system": UCUM, "code": "d"} if length >= 0 else None,
             "reasonCode": [c for c in (self.concept(pv2, "PV2-3"),) if c] if pv2 is not None else [],
             "diagnosis": list(diagnoses or ()),
             "hospitalization": {
-                "preAdmissionIdentifier": self.identifier(pv1, "PV1-5"),
-                "admitSource": self.concept(pv1, "PV1-14", _V2 + "0023"),
-                "reAdmission": self.concept(pv1, "PV1-13", _V2 + "0092"),
-                "dietPreference": [c for c in (self.concept(pv1, "PV1-38", _V2 + "0114"),) if c],
-                "specialCourtesy": [c for c in (self.concept(pv1, "PV1-16", _V2 + "0099"),) if c],
-                "specialArrangement": [c for c in (self.concept(pv1, "PV1-15", _V2 + "0009"),) if c],
-                "dischargeDisposition": self.concept(pv1, "PV1-36", _V2 + "0112"),
+                "preAdmissionIdentifier": self.identifier(pv1, "PV1-5") if filled[5] else None,
+                "admitSource": self.concept(pv1, "PV1-14", _V2 + "0023") if filled[14] else None,
+                "reAdmission": self.concept(pv1, "PV1-13", _V2 + "0092") if filled[13] else None,
+                "dietPreference": [c for c in (self.concept(pv1, "PV1-38", _V2 + "0114"),) if c] if filled[38] else [],
+                "specialCourtesy": [c for c in (self.concept(pv1, "PV1-16", _V2 + "0099"),) if c] if filled[16] else [],
+                "specialArrangement": [c for c in (self.concept(pv1, "PV1-15", _V2 + "0009"),) if c]
+                if filled[15] else [],
+                "dischargeDisposition": self.concept(pv1, "PV1-36", _V2 + "0112") if filled[36] else None,
             },
             "location": locations,
         })
@@ -689,30 +703,31 @@ class FHIRHelpers(FHIRNamespace):
         dg1 = _segment(dg1, "condition")
         if dg1 is None:
             return {"resources": [], "ref": None, "diagnosis": None}
-        code = self.concept(dg1, "DG1-3")
-        text = dg1["DG1-4"]
+        filled = self._filled(dg1, "DG1")  # most of the fields below are empty: no helper call for those
+        code = self.concept(dg1, "DG1-3") if filled[3] else None
+        text = dg1["DG1-4"] if filled[4] else ""
         text = "" if text == NULL else text
-        code_value = dg1["DG1-3.1"]
+        code_value = dg1["DG1-3.1"] if filled[3] else ""
         key = code_value or text
         if not key:
             return {"resources": [], "ref": None, "diagnosis": None}
         cid = uuid5("Condition", patient_id, key, dg1["DG1-3.3"] if code_value else "text")
-        asserter = self.practitioner(dg1, "DG1-16")
+        asserter = self.practitioner(dg1, "DG1-16") if filled[16] else {"resources": [], "ref": None}
         ref = {"reference": "Condition/" + cid}
-        role = _DIAGNOSIS_ROLE.get(dg1["DG1-6.1"].strip().upper())
-        rank = _int(dg1["DG1-15"], 0)
+        role = _DIAGNOSIS_ROLE.get(dg1["DG1-6.1"].strip().upper()) if filled[6] else None
+        rank = _int(dg1["DG1-15"], 0) if filled[15] else 0
         return {"ref": ref, "resources": asserter["resources"] + [{
             "resourceType": "Condition",
             "id": cid,
-            "identifier": [i for i in (self.identifier(dg1, "DG1-20"),) if i],
+            "identifier": [i for i in (self.identifier(dg1, "DG1-20"),) if i] if filled[20] else [],
             "verificationStatus": _coded("http://terminology.hl7.org/CodeSystem/condition-ver-status", "entered-in-error")
-            if dg1["DG1-21"] == "D" else None,
+            if filled[21] and dg1["DG1-21"] == "D" else None,
             "category": _CONDITION_CATEGORY,
             "code": _with_text(code, text),
             "subject": _ref("Patient", patient_id),
             "encounter": _ref("Encounter", encounter_id),
-            "onsetDateTime": self.datetime(dg1, "DG1-5"),
-            "recordedDate": self.datetime(dg1, "DG1-19"),
+            "onsetDateTime": self.datetime(dg1, "DG1-5") if filled[5] else None,
+            "recordedDate": self.datetime(dg1, "DG1-19") if filled[19] else None,
             "asserter": asserter["ref"],
         }], "diagnosis": {
             "condition": ref,

@@ -7,6 +7,7 @@ test_fhir_templates.py, test_fhir_expected.py and the corpus; here: their contra
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -200,10 +201,22 @@ def test_hd_system_follows_the_cx4_rule(args, system):
     ("fhir.immunization(pid)", "fhir.immunization reads an RXA segment"),
     ("fhir.procedure(pid)", "fhir.procedure reads a PR1 segment"),
     ("fhir.coverage(pid)", "fhir.coverage reads an IN1 segment"),
+    # another segment: the first read fails, although that field (PID-2) is empty
+    ("fhir.next_of_kin(pid, 'p1')", "fhir.names: a path read from a segment names no other segment"),
 ])
 def test_a_wrong_argument_is_a_template_error_naming_the_helper(expression, reason):
     with pytest.raises(TemplateError, match=reason):
         run(expression)
+
+
+def test_a_missing_table_fails_a_segment_map_even_where_its_fields_are_empty(tmp_path):
+    """The maps skip the helpers for empty fields only once the helpers' tables are all found: without
+    one, every NK1 fails, as before, not only those that have a name."""
+    shutil.copytree(MAPPINGS / "tables", tmp_path / "tables")
+    (tmp_path / "tables" / "v2-0200-name-use.csv").unlink()
+    msg = hl7.parse(("\r".join([LINES[0], "NK1|1||SPO^Spouse^HL70063"]) + "\r").encode())
+    with pytest.raises(TemplateError, match="fhir.names: .*v2-0200-name-use"):
+        Mappings(tmp_path).render_string("{{ fhir.next_of_kin(msg.segment('NK1'), 'p1') | tojson }}", msg)
 
 
 def test_the_same_xcn_twice_in_a_segment_is_one_practitioner():
