@@ -50,7 +50,7 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ingest import (FRAME_BYTES, FRAME_TEMPLATE, HOST, REPO, Sender, TargetFailed, code_version,
+from ingest import (FRAME_BYTES, FRAME_TEMPLATE, HOST, REPO, Sender, TargetFailed, children_of, code_version,
                     fmt, free_port, host_cpu_ticks, log_tail, machine_info, own_files, percentile,
                     process_cpu_seconds, subprocess_target, text_table, toml_string)
 
@@ -214,8 +214,9 @@ def receiver(workdir: Path):
 
 
 @contextlib.contextmanager
-def profiler(pid: int, output: Path | None, mode: str = "gil"):
-    """py-spy on the engine for the duration of the block, 500 Hz, raw stacks with thread names.
+def profiler(pid: int, output: Path | None, mode: str = "gil", rate: int = 500):
+    """py-spy on the engine for the duration of the block, `rate` Hz, raw stacks with thread names,
+    sampled without stopping the engine (--nonblocking: stopping it at each sample halved its speed).
 
     mode "gil": only the thread holding the GIL (where CPU goes in Python); "idle": every
     thread, waiting or not (where each thread's wall time goes, e.g. in fsync).
@@ -226,7 +227,8 @@ def profiler(pid: int, output: Path | None, mode: str = "gil"):
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     output.parent.mkdir(parents=True, exist_ok=True)
     log = open(output.with_suffix(".log"), "wb")
-    proc = subprocess.Popen([py_spy, "record", "--pid", str(pid), f"--{mode}", "-r", "500", "-f", "raw", "--threads",
+    proc = subprocess.Popen([py_spy, "record", "--pid", str(pid), f"--{mode}", "-r", str(rate), "--nonblocking",
+                             "-f", "raw", "--threads",
                              "-o", str(output)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     time.sleep(1.0)  # attaching takes a moment
     try:
@@ -341,6 +343,7 @@ class Cpu:
     def __init__(self, v: Variant):
         self.pids = {"engine": v.engine_pid, "receiver": v.receiver_pid, "profiler": v.profiler_pid}
         self.start = {name: process_cpu_seconds(pid) if pid else None for name, pid in self.pids.items()}
+        self.parts = engine_parts(v.engine_pid)
         self.own = time.process_time()
         self.host = host_cpu_ticks()
         self.fields = cpu_fields()
@@ -352,6 +355,10 @@ class Cpu:
             used = end - self.start[name] if end is not None and self.start[name] is not None else None
             result[f"{name}_cpu_s"] = round(used, 3) if used is not None else None
             result[f"{name}_cpu_pct"] = 100 * used / seconds if used is not None and seconds > 0 else None
+        parts = engine_parts(self.pids["engine"])
+        result["engine_parts_cpu_pct"] = {
+            name: round(100 * (used - self.parts.get(name, 0.0)) / seconds, 1)
+            for name, used in parts.items()} if seconds > 0 else {}
         own = time.process_time() - self.own
         result["generator_cpu_s"] = round(own, 3)
         result["generator_cpu_pct"] = 100 * own / seconds if seconds > 0 else None
@@ -369,6 +376,31 @@ class Cpu:
         else:
             result["outside_cpu_pct"] = None
         return result
+
+
+def engine_parts(pid: int) -> dict[str, float]:
+    """CPU seconds of the engine's reactor thread, its other threads, and its children by role,
+    to tell which of them a shape is waiting for."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def seconds(stat: Path) -> float:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    parts = {"reactor thread": seconds(Path(f"/proc/{pid}/task/{pid}/stat"))}
+    parts["other threads"] = (process_cpu_seconds(pid, children=False) or 0.0) - parts["reactor thread"]
+    for child in children_of(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        role = ("writer" if b"store.writer" in command else
+                "processor" if b"channels.processor" in command else "other children")
+        parts[role] = parts.get(role, 0.0) + (process_cpu_seconds(child) or 0.0)
+    return parts
 
 
 CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
@@ -692,13 +724,15 @@ def report_shape(v: Variant, r: dict) -> None:
           + (f" [{r['waiting_for_channel_at_sends_end']:,} waiting for the channel, "
              f"{r['waiting_for_delivery_at_sends_end']:,} for delivery]"
              if r.get("waiting_for_channel_at_sends_end") is not None else "")
-          + f", engine CPU {pct(r['engine_cpu_pct'])}, receiver CPU {pct(r['receiver_cpu_pct'])}")
+          + f", engine CPU {pct(r['engine_cpu_pct'])} ("
+          + ", ".join(f"{name} {share:.0f}%" for name, share in r.get("engine_parts_cpu_pct", {}).items())
+          + f"), receiver CPU {pct(r['receiver_cpu_pct'])}")
     for problem in problems(r):
         print(f"  !! {problem}")
     if r["stalled"]:
         print(f"  engine log:\n{log_tail(v.log)}")
     if r.get("profile"):
-        print_profile(r["profile_summary"], r["seconds"], r["profile_mode"])
+        print_profile(r["profile_summary"], r["seconds"], r["profile_mode"], r["profile_rate"])
 
 
 async def load_variant(v: Variant, args) -> list[dict]:
@@ -707,12 +741,12 @@ async def load_variant(v: Variant, args) -> list[dict]:
     results = []
 
     async def shape(name, letter, per_conn, rate=None, profile=None):
-        with profiler(v.engine_pid, profile, args.profile_mode) as spy:
+        with profiler(v.engine_pid, profile, args.profile_mode, args.profile_rate) as spy:
             v.profiler_pid = spy.pid if spy else None
             r = await run_shape(v, name, letter, per_conn=per_conn, rate=rate)
             v.profiler_pid = None
         if profile:
-            r.update(profiled=True, profile=str(profile), profile_mode=args.profile_mode,
+            r.update(profiled=True, profile=str(profile), profile_mode=args.profile_mode, profile_rate=args.profile_rate,
                      profile_summary=summarise_profile(profile))
         results.append(r)
         report_shape(v, r)
@@ -808,6 +842,7 @@ def parse_args(argv=None):
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record the engine with py-spy (--gil, 500 Hz, raw) during each closed-loop shape, "
                              "into DIR; the profiler's cost distorts those shapes' figures")
+    parser.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second (default 500)")
     parser.add_argument("--profile-mode", choices=("gil", "idle"), default="gil",
                         help="py-spy --gil (default: threads holding the GIL) or --idle (all threads, waits "
                              "included)")

@@ -204,18 +204,20 @@ class Sender(asyncio.Protocol):
         self.done.set_result(None)
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) of another process and of the processes it runs (the engine's
-    channel processor), from /proc where there is one."""
+def process_cpu_seconds(pid: int, children: bool = True) -> float | None:
+    """CPU time (user + system) of another process and (`children`) of the processes it runs
+    (the engine's channel processor and store writer), from /proc where there is one."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(process_cpu_seconds(child) or 0.0 for child in _children(pid))
+    if not children:
+        return own
+    return own + sum(process_cpu_seconds(child) or 0.0 for child in children_of(pid))
 
 
-def _children(pid: int) -> list[int]:
+def children_of(pid: int) -> list[int]:
     found = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")

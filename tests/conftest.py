@@ -161,14 +161,44 @@ class EngineProcess:
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
+        # Its children (the store writer, the channel processor) end when their pipes do, a
+        # moment after it: waited for, so that no test's teardown meets them still at work.
+        kids = children(self.proc.pid)
         self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         finally:
             self._log.close()
+            deadline = time.monotonic() + timeout
+            while not all(map(ended, kids)) and time.monotonic() < deadline:
+                time.sleep(0.02)
 
     def kill(self) -> int:
         return self.stop(signal.SIGKILL)
+
+
+def children(pid: int, module: bytes = b"interface_engine.") -> list[int]:
+    """The child processes running `module` that `pid` started, from whichever of its threads."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                        if module in cmdline.read():
+                            found.append(int(child))
+        except FileNotFoundError:
+            continue   # a thread or process that ended meanwhile
+    return found
+
+
+def ended(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie: its files (its end of a pipe) are closed."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:   # gone, and reaped
+        return True
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from interface_engine import hl7
 from interface_engine.mllp import MLLPClient
 from interface_engine.mllp.client import MLLPError
 from interface_engine.store import Store
+from tests.conftest import children, ended
 from tests.messages import adt_a01
 from tests.receiver import Receiver
 
@@ -392,30 +393,6 @@ def test_sends_in_the_sent_journal_are_recorded_at_start_and_not_sent_again(setu
 PROCESSOR, WRITER = b"interface_engine.channels.processor", b"interface_engine.store.writer"
 
 
-def children(pid: int, module: bytes = PROCESSOR) -> list[int]:
-    """The child processes running `module` that `pid` started, from whichever of its threads."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                for child in f.read().split():
-                    with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                        if module in cmdline.read():
-                            found.append(int(child))
-        except FileNotFoundError:
-            continue   # a thread or process that ended meanwhile
-    return found
-
-
-def ended(pid: int) -> bool:
-    """Whether `pid` is gone or a zombie: its files (its end of a pipe) are closed."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
-    except OSError:   # gone, and reaped
-        return True
-
-
 def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
@@ -429,8 +406,8 @@ def test_channels_run_in_a_child_process_that_is_replaced_when_it_dies(setup, tm
     with Receiver() as downstream:
         setup.channel("adt", adt_channel(downstream.port))
         engine = setup.start()
-        setup.wait(lambda: len(children(engine.proc.pid)) == 1, what="the processor process")
-        (child,) = children(engine.proc.pid)
+        setup.wait(lambda: len(children(engine.proc.pid, PROCESSOR)) == 1, what="the processor process")
+        (child,) = children(engine.proc.pid, PROCESSOR)
         before = cpu_ticks(child)
         ids = [f"CHILD{i}" for i in range(200)]
         assert [a[0] for a in setup.send(*[adt_a01(cid) for cid in ids])] == ["AA"] * 200
@@ -441,7 +418,7 @@ def test_channels_run_in_a_child_process_that_is_replaced_when_it_dies(setup, tm
         assert [a[0] for a in setup.send(adt_a01("AFTER1"), adt_a01("AFTER2"))] == ["AA", "AA"]
         assert downstream.wait_for(202, timeout=30)
         assert downstream.control_ids() == ids + ["AFTER1", "AFTER2"]
-        (child,) = children(engine.proc.pid)
+        (child,) = children(engine.proc.pid, PROCESSOR)
     assert "the channel processor process ended unexpectedly; starting a new one" in engine.log()
     engine.kill()   # a killed engine cannot stop its child: the child must notice and end
     setup.wait(lambda: not os.path.exists(f"/proc/{child}"), timeout=10, what="the orphaned child's end")
@@ -457,7 +434,7 @@ def test_processor_thread_keeps_channels_in_the_engine_process(setup, tmp_path, 
         setup.store = engine.open_store()
         assert setup.send(adt_a01("THR1")) == [("AA", "THR1", "")]
         assert downstream.wait_for(1, timeout=10)
-        assert children(engine.proc.pid) == []
+        assert children(engine.proc.pid, PROCESSOR) == []
 
 
 def engine_with_writer(setup, downstream):

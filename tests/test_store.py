@@ -155,3 +155,4 @@ def test_a_message_processed_twice_in_one_batch_leaves_received_once(store):
     assert store.save_processing([result, result]) == [True, False]
     assert store.count_deliveries(message_id=stored.message_id) == 1
     assert store.save_processing([result]) == [False]
+
