@@ -165,7 +165,6 @@ _OID = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+", re.ASCII)
 _URI = re.compile(r"(?:https?|urn):\S+", re.ASCII | re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 _MAX_DEFAULTS = 256
-_UNKNOWN = object()
 _MAX_NUMBER = 40  # characters; a longer "number" is not a measurement
 _COMPARATORS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
 _ORIGINAL_TEXT = "http://hl7.org/fhir/StructureDefinition/originalText"
@@ -327,8 +326,7 @@ class FHIRNamespace:
     (header, rows by code); ``zone()`` the time zone of the render under way.
     """
 
-    __slots__ = ("_tables", "_zone", "_found", "_defaults", "_systems", "_authorities",
-                 "_tables_read")
+    __slots__ = ("_tables", "_zone", "_found", "_defaults", "_tables_read")
 
     def __init__(self, tables: Callable[[str], tuple], zone: Callable[[], tzinfo] | None = None):
         self._tables = tables
@@ -340,11 +338,9 @@ class FHIRNamespace:
         # The URIs of the system= names the mappings give concept(s) (a dozen calls a message, most
         # for empty fields): the table lookup and patterns run once per name; the first
         # _MAX_DEFAULTS names only, should a template take them from messages.
+        # Names read from messages (coding systems, assigning authorities) are not kept from one
+        # render to the next: the engine keeps no message content between messages.
         self._defaults: dict[str, str] = {}
-        # The URIs of the coding system names (and OIDs) of the codings read, the same way: a
-        # message names a few systems, each of which cost a table lookup and up to four patterns.
-        self._systems: dict[tuple[str, str], str | None] = {}
-        self._authorities: dict[tuple[str, str, str], str | None] = {}  # CX.4's, the same way
         self._tables_read = False  # every table of _READ_TABLES found (see _filled)
 
     def __repr__(self) -> str:
@@ -385,16 +381,8 @@ class FHIRNamespace:
         return out
 
     def _identifier_system(self, namespace: str, universal: str, kind: str) -> str | None:
-        """_find_identifier_system, once per assigning authority (the first _MAX_DEFAULTS): a
-        message names a few, each of which cost a table lookup and a pattern or two."""
-        key = (namespace, universal, kind)
-        found = self._authorities.get(key, _UNKNOWN)
-        if found is _UNKNOWN:
-            header, rows = self._table("identifiers", "identifier-systems", "system")
-            found = _find_identifier_system(rows, namespace, universal, kind)
-            if len(self._authorities) < _MAX_DEFAULTS:
-                self._authorities[key] = found
-        return found
+        header, rows = self._table("identifiers", "identifier-systems", "system")
+        return _find_identifier_system(rows, namespace, universal, kind)
 
     def identifier(self, src, path, type=None) -> dict | None:
         """The first of ``identifiers``, or none."""
@@ -566,15 +554,6 @@ class FHIRNamespace:
 
     def _system(self, name: str, oid: str) -> str | None:
         """The URI of a v2 coding system name (or its OID); none when unknown."""
-        key = (name, oid)
-        found = self._systems.get(key, _UNKNOWN)
-        if found is _UNKNOWN:
-            found = self._find_system(name, oid)
-            if len(self._systems) < _MAX_DEFAULTS:
-                self._systems[key] = found
-        return found
-
-    def _find_system(self, name: str, oid: str) -> str | None:
         if name:
             header, rows = self._table("concepts", "coding-systems", "system")
             row = rows.get(name) or rows.get(name.upper())
