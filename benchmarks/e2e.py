@@ -52,7 +52,7 @@ from pathlib import Path
 
 from ingest import (FRAME_BYTES, FRAME_TEMPLATE, HOST, REPO, Sender, TargetFailed, children_of, code_version,
                     fmt, free_port, host_cpu_ticks, log_tail, machine_info, own_files, percentile,
-                    process_cpu_seconds, subprocess_target, text_table, toml_string)
+                    process_cpu_seconds, stat_cpu_seconds, subprocess_target, text_table, toml_string)
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_CHANNEL = REPO / "channels" / "adt.toml"
@@ -381,16 +381,7 @@ class Cpu:
 def engine_parts(pid: int) -> dict[str, float]:
     """CPU seconds of the engine's reactor thread, its other threads, and its children by role,
     to tell which of them a shape is waiting for."""
-    ticks = os.sysconf("SC_CLK_TCK")
-
-    def seconds(stat: Path) -> float:
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / ticks
-
-    parts = {"reactor thread": seconds(Path(f"/proc/{pid}/task/{pid}/stat"))}
+    parts = {"reactor thread": stat_cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat")) or 0.0}
     parts["other threads"] = (process_cpu_seconds(pid, children=False) or 0.0) - parts["reactor thread"]
     for child in children_of(pid):
         try:

@@ -204,15 +204,20 @@ class Sender(asyncio.Protocol):
         self.done.set_result(None)
 
 
+def stat_cpu_seconds(stat: Path) -> float | None:
+    """CPU time (user + system) in a /proc stat file, a process's or a thread's; None where there is none."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_seconds(pid: int, children: bool = True) -> float | None:
     """CPU time (user + system) of another process and (`children`) of the processes it runs
     (the engine's channel processor and store writer), from /proc where there is one."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    if not children:
+    own = stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+    if own is None or not children:
         return own
     return own + sum(process_cpu_seconds(child) or 0.0 for child in children_of(pid))
 
