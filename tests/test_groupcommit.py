@@ -4,10 +4,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sqlalchemy import event
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from interface_engine.store import RECEIVED, STORED, Attempt, GroupCommitter, Incoming, Store, utcnow
+from interface_engine import keys
+from interface_engine.store import (QUEUED, RECEIVED, STORED, Attempt, GroupCommitter, Incoming, NewDelivery,
+                                    Processed, Store, utcnow)
+from interface_engine.store.writer import OwnProcess, WriterSpec
 from tests.messages import adt_a01
 
 
@@ -23,9 +27,12 @@ class GroupCommitterTests(unittest.TestCase):
         self.store = Store(f"sqlite:///{self.dir / 'store.db'}")
         self.store.check_schema()
         self.addCleanup(self.store.close)
-        self.committer = GroupCommitter(self.store, reactor)
+        self.committer = GroupCommitter(self.store, reactor, process=self.writer_process())
         self.committer.start()
         self.addCleanup(self.committer.stop)
+
+    def writer_process(self):
+        return None   # the committer's own thread writes
 
     @defer.inlineCallbacks
     def test_a_failing_kind_is_undone_alone_and_the_others_commit(self):
@@ -39,7 +46,7 @@ class GroupCommitterTests(unittest.TestCase):
         reader = Store(self.store.url)   # another connection: what is committed
         self.addCleanup(reader.close)
         self.assertEqual(reader.count_messages(), 1)
-        self.assertEqual(reader.get_message(outcome.message_id)["control_id"], "GC1")
+        self.assertEqual([m["control_id"] for m in reader.list_messages()], ["GC1"])
 
     @defer.inlineCallbacks
     def test_messages_commit_first_in_a_cycle_whatever_was_asked_before_them(self):
@@ -51,3 +58,49 @@ class GroupCommitterTests(unittest.TestCase):
         message.addCallback(lambda r: order.append("message") or r)
         yield defer.gatherResults([heads, message])
         self.assertEqual(order, ["message", "queue read"])
+
+    @defer.inlineCallbacks
+    def test_processing_and_attempts_share_a_commit_and_a_failing_kind_is_undone_alone(self):
+        (stored,) = self.store.write([incoming("GC5")])
+        processed = Processed(stored.message_id, "adt", deliveries=(NewDelivery("out", QUEUED, b"x"),))
+        stray = Attempt(delivery_id=999_999, message_id=stored.message_id, started_at=utcnow(), duration_ms=1.0,
+                        ok=True, new_state="sent")
+        saved = self.committer.submit(processed, self.store.save_processing)
+        recorded = self.committer.submit(stray, self.store.record_attempts)
+        self.assertEqual((yield saved), True)
+        yield self.assertFailure(recorded, Exception)
+        reader = Store(self.store.url)
+        self.addCleanup(reader.close)
+        self.assertEqual(reader.count_deliveries(message_id=stored.message_id), 1)
+        self.assertEqual(reader.get_message(stored.message_id)["state"], QUEUED)
+
+    @defer.inlineCallbacks
+    def test_processing_and_attempts_of_a_cycle_commit_once(self):
+        first, second = self.store.write([incoming("GC6"), incoming("GC7")])
+        self.store.save_processing([Processed(first.message_id, "adt", deliveries=(NewDelivery("out", QUEUED, b"x"),))])
+        ((delivery,),) = self.store.queue([("adt", "out", 10)])
+        commits = []
+
+        def committed(conn):
+            commits.append(conn)
+        event.listen(self.store.engine, "commit", committed)
+        self.addCleanup(event.remove, self.store.engine, "commit", committed)
+        yield defer.gatherResults([
+            self.committer.submit(Processed(second.message_id, "adt", deliveries=(NewDelivery("out", QUEUED, b"y"),)),
+                                  self.store.save_processing),
+            self.committer.submit(Attempt(delivery_id=delivery.id, message_id=first.message_id, started_at=utcnow(),
+                                          duration_ms=1.0, ok=True, new_state="sent"), self.store.record_attempts)])
+        self.assertEqual(len(commits), 1)
+        self.assertEqual(self.store.get_message(first.message_id)["state"], "sent")
+        self.assertEqual(self.store.get_message(second.message_id)["state"], QUEUED)
+
+
+class WriterProcessTests(GroupCommitterTests):
+    """The same, with the store written by the writer process (the engine's default)."""
+
+    def writer_process(self):
+        keys.create(self.dir / "keys.json")
+        return OwnProcess(WriterSpec(self.store.url, 86400.0, "test-node", str(self.dir / "keys.json")))
+
+    # Commits are counted in this process only.
+    test_processing_and_attempts_of_a_cycle_commit_once = None

@@ -156,3 +156,43 @@ def test_a_message_processed_twice_in_one_batch_leaves_received_once(store):
     assert store.count_deliveries(message_id=stored.message_id) == 1
     assert store.save_processing([result]) == [False]
 
+
+
+def test_joined_calls_commit_together_and_a_failing_one_is_undone_alone(store):
+    from interface_engine.store import Attempt, NewDelivery, Processed
+
+    (stored,) = store.write([item("JOIN1", channel="adt")])
+    result = Processed(stored.message_id, "adt", deliveries=(NewDelivery("out", "queued", b"x"),))
+    stray = Attempt(delivery_id=999_999, message_id=stored.message_id, started_at=utcnow(), duration_ms=1.0,
+                    ok=True, new_state="sent")   # no such delivery: the foreign key refuses it
+    reader = Store(store.url)
+    try:
+        with store.joined():
+            assert store.save_processing([result]) == [True]
+            with pytest.raises(sa.exc.IntegrityError):
+                store.record_attempts([stray])
+            assert reader.count_deliveries(message_id=stored.message_id) == 0   # nothing committed yet
+        assert reader.count_deliveries(message_id=stored.message_id) == 1
+        assert reader.get_message(stored.message_id)["state"] == "queued"
+    finally:
+        reader.close()
+
+
+def test_settling_writes_a_message_only_when_its_state_changes(store):
+    from interface_engine.store import NewDelivery, Processed
+    from interface_engine.store.store import _SETTLE
+
+    (stored,) = store.write([item("SETTLE1", channel="adt")])
+    store.save_processing([Processed(stored.message_id, "adt", deliveries=(
+        NewDelivery("a", "queued", b"x"), NewDelivery("b", "queued", b"y")))])
+    (bare,) = store.write([item("SETTLE2", channel="adt")])   # no deliveries: keeps its own state
+    with store.engine.begin() as conn:
+        assert conn.execute(_SETTLE, {"mid": stored.message_id}).rowcount == 0
+        assert conn.execute(_SETTLE, {"mid": bare.message_id}).rowcount == 0
+        conn.execute(sa.text("UPDATE deliveries SET state = 'sent' WHERE message_id = :m AND destination = 'a'"),
+                     {"m": stored.message_id})
+        assert conn.execute(_SETTLE, {"mid": stored.message_id}).rowcount == 0   # b still queued
+        conn.execute(sa.text("UPDATE deliveries SET state = 'sent' WHERE message_id = :m"), {"m": stored.message_id})
+        assert conn.execute(_SETTLE, {"mid": stored.message_id}).rowcount == 1
+    assert store.get_message(stored.message_id)["state"] == "sent"
+    assert store.get_message(bare.message_id)["state"] == RECEIVED

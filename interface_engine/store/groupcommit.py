@@ -12,10 +12,12 @@ otherwise commit that one alone and the other fifteen in a second transaction.
 
 Other work on the store (a channel's processing results, delivery attempts, queue
 reads) goes through the same thread: `submit(item, store.method)` queues `item` for
-a store method that takes a list and returns one result per item. Each kind is
-written in its own transaction, so a failure in one kind never costs another its
-commit, and messages go first, so their ACKs never wait for the other kinds (sharing
-one transaction among all kinds was measured slower for that reason).
+a store method that takes a list and returns one result per item. Messages go
+first, in a transaction of their own, so their ACKs never wait for the other kinds
+(sharing one transaction among all kinds was measured slower for that reason).
+Processing results and attempts then share one transaction (Store.joined), each
+kind in a savepoint of it: a failure in one kind never costs another its commit,
+and a page that both change is written to the log once.
 
 With a writer process (store/writer.py, the engine's default), the thread hands
 each cycle to that process and waits on its pipe instead of writing itself: the
@@ -120,10 +122,12 @@ class GroupCommitter:
                     break
                 batch.extend(more)
             # Messages first: their senders wait for the commit, the rest of the cycle can wait.
+            # Then the kinds that share a transaction, side by side (see Store.joined).
             kinds: dict = {self.store.write: []}
             for method, item, d in batch:
                 kinds.setdefault(method, []).append((item, d))
-            kinds = [(method, entries) for method, entries in kinds.items() if entries]
+            kinds = sorted(((method, entries) for method, entries in kinds.items() if entries),
+                           key=lambda kind: (kind[0] != self.store.write, not self._joinable(kind[0])))
             if self.process is None:
                 self._write_here(kinds)
             else:
@@ -132,15 +136,49 @@ class GroupCommitter:
             self.process.close()
         self.reactor.callFromThread(self._finished)
 
+    def _joinable(self, method) -> bool:
+        return getattr(method, "__self__", None) is self.store and method.__name__ in Store.JOINABLE
+
     def _write_here(self, kinds):
-        for method, entries in kinds:
-            started = time.perf_counter()
-            try:
-                results = method([item for item, _ in entries])
-            except Exception as error:  # any failure means nothing in this group is durable
-                self.reactor.callFromThread(self._fail, entries, error, method)
+        position = 0
+        while position < len(kinds):
+            group = [kinds[position]]
+            if self._joinable(group[0][0]):
+                while position + len(group) < len(kinds) and self._joinable(kinds[position + len(group)][0]):
+                    group.append(kinds[position + len(group)])
+            position += len(group)
+            if len(group) == 1:
+                self._write_one(*group[0])
             else:
-                self._done(method, entries, results, time.perf_counter() - started)
+                self._write_joined(group)
+
+    def _write_one(self, method, entries):
+        started = time.perf_counter()
+        try:
+            results = method([item for item, _ in entries])
+        except Exception as error:  # any failure means nothing in this group is durable
+            self.reactor.callFromThread(self._fail, entries, error, method)
+        else:
+            self._done(method, entries, results, time.perf_counter() - started)
+
+    def _write_joined(self, group):
+        """Kinds in one transaction: each answered after the commit, a failed one alone."""
+        started, outcomes = time.perf_counter(), []
+        try:
+            with self.store.joined():
+                for method, entries in group:
+                    try:
+                        outcomes.append((True, method([item for item, _ in entries])))
+                    except Exception as error:   # undone alone (its savepoint); the others go on
+                        outcomes.append((False, error))
+        except Exception as error:   # the commit failed: none of the group is durable
+            outcomes = [(False, error)] * len(group)
+        seconds = time.perf_counter() - started
+        for (method, entries), (ok, value) in zip(group, outcomes):
+            if ok:
+                self._done(method, entries, value, seconds)
+            else:
+                self.reactor.callFromThread(self._fail, entries, value, method)
 
     def _write_elsewhere(self, kinds, retry: bool = True):
         requests = [(_OWNERS[type(method.__self__).__name__], method.__name__, [item for item, _ in entries])

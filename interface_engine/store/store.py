@@ -158,6 +158,9 @@ class _Original:
     ack: bytes
 
 
+_JOINED = "interface_engine.joined"
+
+
 @contextmanager
 def write_transaction(conn):
     """A write transaction; on SQLite it takes the write lock at once.
@@ -165,6 +168,10 @@ def write_transaction(conn):
     Its reads and writes then see one state, and ids reserved in it (see
     Store.reserve_ids) cannot be taken by another writer before it commits.
     """
+    if conn.info.get(_JOINED):   # inside Store.joined: a savepoint, so that this part fails alone
+        with conn.begin_nested():
+            yield
+        return
     with conn.begin():
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -384,6 +391,25 @@ class Store:
             if self.audit:
                 self.audit.stored(conn, batch, outcomes, now)
         return outcomes
+
+    #: write methods that can share a transaction (see joined): each runs in a savepoint of it
+    JOINABLE = frozenset({"save_processing", "record_attempts", "record_journaled"})
+
+    @contextmanager
+    def joined(self):
+        """One transaction for several calls of JOINABLE methods, committed when the block ends.
+
+        A page that several of them change (a message's row, its deliveries', the audit
+        chain's head) then goes to the log once instead of once per call. Each call runs
+        in a savepoint: one that fails is undone alone, and raises, as it would by itself.
+        """
+        conn = self._writer()
+        with write_transaction(conn):
+            conn.info[_JOINED] = True
+            try:
+                yield
+            finally:
+                conn.info.pop(_JOINED, None)
 
     def _writer(self) -> sa.Connection:
         """The write path's own connection: no pool round trip per batch.
@@ -742,17 +768,20 @@ _SQLITE_QUEUE_HEAD = ("SELECT id, message_id, state, attempts, next_attempt_at, 
                       "FROM deliveries WHERE channel = ? AND destination = ? "
                       f"AND state IN ({', '.join(repr(state) for state in PENDING_STATES)}) ORDER BY id LIMIT ?")
 
-_SETTLE = sa.text(f"""
-    UPDATE messages SET state = (
+#: A message's state from its deliveries; NULL when it has none (it keeps its own).
+_SETTLED_STATE = f"""(
         SELECT CASE
+            WHEN COUNT(*) = 0 THEN NULL
             WHEN SUM(CASE WHEN d.state = '{DEAD}' THEN 1 ELSE 0 END) > 0 THEN '{DEAD}'
             WHEN SUM(CASE WHEN d.state = '{ERROR}' THEN 1 ELSE 0 END) > 0 THEN '{ERROR}'
             WHEN SUM(CASE WHEN d.state = '{QUEUED}' THEN 1 ELSE 0 END) > 0 THEN '{QUEUED}'
             WHEN SUM(CASE WHEN d.state = '{SENT}' THEN 1 ELSE 0 END) > 0 THEN '{SENT}'
             ELSE '{FILTERED}' END
-        FROM deliveries d WHERE d.message_id = messages.id)
-    WHERE id = :mid AND EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = messages.id)
-""")
+        FROM deliveries d WHERE d.message_id = messages.id)"""
+# Only a change is written: most settles leave the state as it was (the first of two
+# destinations sent, the other still queued), and an unchanged row then costs no write
+# of its page, its two state indexes or their share of the commit.
+_SETTLE = sa.text(f"UPDATE messages SET state = {_SETTLED_STATE} WHERE id = :mid AND state <> {_SETTLED_STATE}")
 
 _EARLIER_COPIES = (
     select(messages.c.id, messages.c.sending_application, messages.c.sending_facility,

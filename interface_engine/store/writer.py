@@ -3,9 +3,9 @@
 The group committer's thread hands each cycle's batches (messages first, then
 processing results, attempts, queue reads, leases) to this process and waits on
 the pipe, so the engine's GIL stays with the reactor: sealing contents, chaining
-audit events and SQLite's own work run on another core. Each kind is committed in
-its own transaction and answered as soon as it is, so ACKs never wait for the rest
-of the cycle.
+audit events and SQLite's own work run on another core. Messages are committed in
+their own transaction and answered as soon as it is, so ACKs never wait for the rest
+of the cycle; the kinds that can share one (Store.joined) share it.
 
 A plain child (``python -c "...store.writer import main; main()"``) with pickled requests
 over its stdin and answers over its stdout, as the channel processor's. It ends
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from .. import children
-from .store import StoreError
+from .store import Store, StoreError
 
 @dataclass(frozen=True)
 class WriterSpec:
@@ -136,6 +136,18 @@ class _Writer:
             return   # the engine logs it; the keys in use stay
         self._stamp = stamp
 
+    def run_joined(self, group: list[tuple[str, str, list]]) -> list[tuple]:
+        """Kinds in one transaction (Store.joined), answered once it has committed; one that
+        fails is undone alone."""
+        started = time.perf_counter()
+        try:
+            with self.store.joined():
+                answers = [self.run(*kind) for kind in group]
+        except Exception as error:   # the commit failed: none of the group is durable
+            return [(False, _describe(error), time.perf_counter() - started)] * len(group)
+        seconds = time.perf_counter() - started
+        return [(ok, value, seconds) for ok, value, _ in answers]
+
     def run(self, owner: str, name: str, items: list):
         started = time.perf_counter()
         try:
@@ -143,6 +155,21 @@ class _Writer:
         except Exception as error:  # reported by its text, which never holds values (hide_parameters)
             return False, _describe(error), time.perf_counter() - started
         return True, results, time.perf_counter() - started
+
+
+def _groups(kinds: list[tuple[str, str, list]]) -> list[list[tuple[str, str, list]]]:
+    """The cycle's kinds in order, those side by side that can share a transaction together."""
+    groups: list[list] = []
+    for kind in kinds:
+        if groups and _joinable(kind) and _joinable(groups[-1][-1]):
+            groups[-1].append(kind)
+        else:
+            groups.append([kind])
+    return groups
+
+
+def _joinable(kind) -> bool:
+    return kind[0] == "store" and kind[1] in Store.JOINABLE
 
 
 def _describe(error: Exception) -> str:
@@ -175,8 +202,9 @@ def _serve(requests, answers):
             answers.flush()
             break
         writer.watch_keys()
-        for owner, name, items in request[1]:
-            pickle.dump(writer.run(owner, name, items), answers, protocol=pickle.HIGHEST_PROTOCOL)
+        for group in _groups(request[1]):
+            for answer in (writer.run(*group[0]),) if len(group) == 1 else writer.run_joined(group):
+                pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
             answers.flush()
     if writer is not None:
         writer.store.close()
