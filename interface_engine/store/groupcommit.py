@@ -15,9 +15,10 @@ reads) goes through the same thread: `submit(item, store.method)` queues `item` 
 a store method that takes a list and returns one result per item. Messages go
 first, in a transaction of their own, so their ACKs never wait for the other kinds
 (sharing one transaction among all kinds was measured slower for that reason).
-Processing results and attempts then share one transaction (Store.joined), each
-kind in a savepoint of it: a failure in one kind never costs another its commit,
-and a page that both change is written to the log once.
+Processing results and attempts then share one transaction (Store.joined): a page
+that both change is written to the log once, and the log is synced once. If one
+kind fails there, each is written again in its own transaction, so that a failure
+in one kind never costs another its commit.
 
 With a writer process (store/writer.py, the engine's default), the thread hands
 each cycle to that process and waits on its pipe instead of writing itself: the
@@ -162,23 +163,17 @@ class GroupCommitter:
             self._done(method, entries, results, time.perf_counter() - started)
 
     def _write_joined(self, group):
-        """Kinds in one transaction: each answered after the commit, a failed one alone."""
-        started, outcomes = time.perf_counter(), []
-        try:
-            with self.store.joined():
-                for method, entries in group:
-                    try:
-                        outcomes.append((True, method([item for item, _ in entries])))
-                    except Exception as error:   # undone alone (its savepoint); the others go on
-                        outcomes.append((False, error))
-        except Exception as error:   # the commit failed: none of the group is durable
-            outcomes = [(False, error)] * len(group)
+        """Kinds in one transaction, each answered after its commit; if one fails, each again
+        in its own, so that only that one fails."""
+        started = time.perf_counter()
+        results = self.store.run_joined([(method, [item for item, _ in entries]) for method, entries in group])
+        if results is None:
+            for method, entries in group:
+                self._write_one(method, entries)
+            return
         seconds = time.perf_counter() - started
-        for (method, entries), (ok, value) in zip(group, outcomes):
-            if ok:
-                self._done(method, entries, value, seconds)
-            else:
-                self.reactor.callFromThread(self._fail, entries, value, method)
+        for (method, entries), value in zip(group, results):
+            self._done(method, entries, value, seconds)
 
     def _write_elsewhere(self, kinds, retry: bool = True):
         requests = [(_OWNERS[type(method.__self__).__name__], method.__name__, [item for item, _ in entries])

@@ -168,9 +168,8 @@ def write_transaction(conn):
     Its reads and writes then see one state, and ids reserved in it (see
     Store.reserve_ids) cannot be taken by another writer before it commits.
     """
-    if conn.info.get(_JOINED):   # inside Store.joined: a savepoint, so that this part fails alone
-        with conn.begin_nested():
-            yield
+    if conn.info.get(_JOINED):   # inside Store.joined: its transaction
+        yield
         return
     with conn.begin():
         if conn.dialect.name == "sqlite":
@@ -392,7 +391,7 @@ class Store:
                 self.audit.stored(conn, batch, outcomes, now)
         return outcomes
 
-    #: write methods that can share a transaction (see joined): each runs in a savepoint of it
+    #: write methods that can share a transaction (see joined)
     JOINABLE = frozenset({"save_processing", "record_attempts", "record_journaled"})
 
     @contextmanager
@@ -400,8 +399,9 @@ class Store:
         """One transaction for several calls of JOINABLE methods, committed when the block ends.
 
         A page that several of them change (a message's row, its deliveries', the audit
-        chain's head) then goes to the log once instead of once per call. Each call runs
-        in a savepoint: one that fails is undone alone, and raises, as it would by itself.
+        chain's head) then goes to the log once instead of once per call, and the log
+        is synced once. If one call fails, all of the block is undone: the caller runs
+        them again each in its own transaction (see run_joined), so that only that one fails.
         """
         conn = self._writer()
         with write_transaction(conn):
@@ -410,6 +410,15 @@ class Store:
                 yield
             finally:
                 conn.info.pop(_JOINED, None)
+
+    def run_joined(self, calls: list[tuple]) -> list:
+        """[(JOINABLE method, items)] in one transaction; their results, or None if any failed
+        (then nothing of them was written)."""
+        try:
+            with self.joined():
+                return [method(items) for method, items in calls]
+        except Exception:
+            return None
 
     def _writer(self) -> sa.Connection:
         """The write path's own connection: no pool round trip per batch.

@@ -137,16 +137,14 @@ class _Writer:
         self._stamp = stamp
 
     def run_joined(self, group: list[tuple[str, str, list]]) -> list[tuple]:
-        """Kinds in one transaction (Store.joined), answered once it has committed; one that
-        fails is undone alone."""
+        """Kinds in one transaction (Store.joined), answered once it has committed; if one
+        fails, each again in its own, so that only that one fails."""
         started = time.perf_counter()
-        try:
-            with self.store.joined():
-                answers = [self.run(*kind) for kind in group]
-        except Exception as error:   # the commit failed: none of the group is durable
-            return [(False, _describe(error), time.perf_counter() - started)] * len(group)
+        results = self.store.run_joined([(getattr(self.owners[owner], name), items) for owner, name, items in group])
+        if results is None:
+            return [self.run(*kind) for kind in group]
         seconds = time.perf_counter() - started
-        return [(ok, value, seconds) for ok, value, _ in answers]
+        return [(True, value, seconds) for value in results]
 
     def run(self, owner: str, name: str, items: list):
         started = time.perf_counter()
