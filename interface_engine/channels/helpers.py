@@ -466,7 +466,11 @@ def uuid5(*parts) -> str:
     ``str(uuid.uuid5(ENGINE_NAMESPACE, name))`` (see uuid5_text): a FHIR mapping makes a
     dozen ids per message.
     """
-    return uuid5_text(_ENGINE_NAMESPACE_BYTES, "|".join(["" if p is None else str(p) for p in parts]))
+    try:  # most ids are made of text only: joined as they are, as str() gives text
+        name = "|".join(parts)
+    except TypeError:
+        name = "|".join(["" if p is None else str(p) for p in parts])
+    return uuid5_text(_ENGINE_NAMESPACE_BYTES, name)
 
 
 def b64encode(value, encoding: str = "utf-8") -> str:

@@ -55,6 +55,24 @@ def test_id_is_deterministic_and_a_valid_fhir_id(mappings):
     assert ev(mappings, "fhir.id('Patient', 1, none)", msg) == ev(mappings, "uuid5('Patient', '1', '')", msg)
 
 
+def test_uuid5_of_text_only_is_the_id_of_the_parts_as_str_gives_them():
+    """uuid5 joins parts that are all text as they are; any other part takes the str() path: both give
+    the ids the name built with str() of each part (none as '') gives."""
+    import uuid
+
+    from markupsafe import Markup
+
+    from interface_engine.channels.helpers import ENGINE_NAMESPACE, Encoded, uuid5
+    from interface_engine.channels.templating import _JSONText
+
+    def reference(*parts):
+        return str(uuid.uuid5(ENGINE_NAMESPACE, "|".join("" if p is None else str(p) for p in parts)))
+
+    for parts in [("Patient", "GEN", "MRN1"), ("Patient", Encoded("A^B"), Markup("x&amp;y"), _JSONText('"j"')),
+                  ("Patient", None, "MRN1"), ("Patient", 1, 2.5, True), ("Patient", "é\u00e9", ""), ("Patient",)]:
+        assert uuid5(*parts) == reference(*parts)
+
+
 @pytest.mark.parametrize("expression", ["fhir.id('patient', 'x')", "fhir.id('', 'x')", "fhir.id(1)", "fhir.id()"])
 def test_id_needs_a_resource_type(mappings, expression):
     with pytest.raises(TemplateError):
