@@ -58,6 +58,8 @@ def _postgres_admin():
 @pytest.fixture
 def postgres_url():
     """A URL into a fresh, empty schema of the test database, dropped afterwards."""
+    from psycopg.errors import DeadlockDetected
+
     admin = _postgres_admin()
     schema = f"ie_test_{uuid.uuid4().hex[:12]}"
     admin.execute(f"CREATE SCHEMA {schema}")
@@ -65,7 +67,16 @@ def postgres_url():
     try:
         yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
     finally:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        # A process of the test that is still ending (a CLI, an engine's last reads) can hold a
+        # table the drop needs; the server then ends one side as a deadlock: try again.
+        for attempt in range(10):
+            try:
+                admin.execute(f"DROP SCHEMA {schema} CASCADE")
+                break
+            except DeadlockDetected:
+                if attempt == 9:
+                    raise
+                time.sleep(0.5)
         admin.close()
 
 

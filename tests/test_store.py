@@ -197,3 +197,8 @@ def test_settling_writes_a_message_only_when_its_state_changes(store):
         assert conn.execute(_SETTLE, {"mid": stored.message_id}).rowcount == 1
     assert store.get_message(stored.message_id)["state"] == "sent"
     assert store.get_message(bare.message_id)["state"] == RECEIVED
+
+
+def test_only_a_sqlite_store_joins_the_writers_calls(store):
+    # PostgreSQL may be shared by several engines: see Store.joins.
+    assert store.joins is (store.engine.dialect.name == "sqlite")

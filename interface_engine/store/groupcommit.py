@@ -15,7 +15,7 @@ reads) goes through the same thread: `submit(item, store.method)` queues `item` 
 a store method that takes a list and returns one result per item. Messages go
 first, in a transaction of their own, so their ACKs never wait for the other kinds
 (sharing one transaction among all kinds was measured slower for that reason).
-Processing results and attempts then share one transaction (Store.joined): a page
+On SQLite, processing results and attempts then share one transaction (Store.joined): a page
 that both change is written to the log once, and the log is synced once. If one
 kind fails there, each is written again in its own transaction, so that a failure
 in one kind never costs another its commit.
@@ -138,7 +138,8 @@ class GroupCommitter:
         self.reactor.callFromThread(self._finished)
 
     def _joinable(self, method) -> bool:
-        return getattr(method, "__self__", None) is self.store and method.__name__ in Store.JOINABLE
+        return (self.store.joins and getattr(method, "__self__", None) is self.store
+                and method.__name__ in Store.JOINABLE)
 
     def _write_here(self, kinds):
         position = 0

@@ -394,6 +394,16 @@ class Store:
     #: write methods that can share a transaction (see joined)
     JOINABLE = frozenset({"save_processing", "record_attempts", "record_journaled"})
 
+    @property
+    def joins(self) -> bool:
+        """Whether the writer joins JOINABLE calls: on SQLite, where this engine is the only writer.
+
+        On PostgreSQL several engines may share the store. A longer transaction there
+        would hold message rows another engine's processing waits for, and let deliveries
+        become visible out of id order (queue order) for longer; each call keeps its own.
+        """
+        return self._sqlite
+
     @contextmanager
     def joined(self):
         """One transaction for several calls of JOINABLE methods, committed when the block ends.

@@ -5,7 +5,7 @@ processing results, attempts, queue reads, leases) to this process and waits on
 the pipe, so the engine's GIL stays with the reactor: sealing contents, chaining
 audit events and SQLite's own work run on another core. Messages are committed in
 their own transaction and answered as soon as it is, so ACKs never wait for the rest
-of the cycle; the kinds that can share one (Store.joined) share it.
+of the cycle; on SQLite the kinds that can share one (Store.joined) share it.
 
 A plain child (``python -c "...store.writer import main; main()"``) with pickled requests
 over its stdin and answers over its stdout, as the channel processor's. It ends
@@ -155,11 +155,11 @@ class _Writer:
         return True, results, time.perf_counter() - started
 
 
-def _groups(kinds: list[tuple[str, str, list]]) -> list[list[tuple[str, str, list]]]:
+def _groups(kinds: list[tuple[str, str, list]], joins: bool) -> list[list[tuple[str, str, list]]]:
     """The cycle's kinds in order, those side by side that can share a transaction together."""
     groups: list[list] = []
     for kind in kinds:
-        if groups and _joinable(kind) and _joinable(groups[-1][-1]):
+        if joins and groups and _joinable(kind) and _joinable(groups[-1][-1]):
             groups[-1].append(kind)
         else:
             groups.append([kind])
@@ -200,7 +200,7 @@ def _serve(requests, answers):
             answers.flush()
             break
         writer.watch_keys()
-        for group in _groups(request[1]):
+        for group in _groups(request[1], writer.store.joins):
             for answer in (writer.run(*group[0]),) if len(group) == 1 else writer.run_joined(group):
                 pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
             answers.flush()
