@@ -36,7 +36,7 @@ from twisted.logger import Logger
 
 from ..metrics import Metrics
 from .store import Store
-from .writer import OwnProcess, WriteFailed, WriterGone
+from .writer import OwnProcess, WriteFailed, WriterGone, grouped
 
 log = Logger()
 
@@ -142,13 +142,7 @@ class GroupCommitter:
                 and method.__name__ in Store.JOINABLE)
 
     def _write_here(self, kinds):
-        position = 0
-        while position < len(kinds):
-            group = [kinds[position]]
-            if self._joinable(group[0][0]):
-                while position + len(group) < len(kinds) and self._joinable(kinds[position + len(group)][0]):
-                    group.append(kinds[position + len(group)])
-            position += len(group)
+        for group in grouped(kinds, lambda kind: self._joinable(kind[0])):
             if len(group) == 1:
                 self._write_one(*group[0])
             else:

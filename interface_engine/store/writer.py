@@ -155,19 +155,16 @@ class _Writer:
         return True, results, time.perf_counter() - started
 
 
-def _groups(kinds: list[tuple[str, str, list]], joins: bool) -> list[list[tuple[str, str, list]]]:
-    """The cycle's kinds in order, those side by side that can share a transaction together."""
+def grouped(kinds: list, joinable) -> list[list]:
+    """A cycle's kinds in order, each run of joinable ones side by side as one group (one
+    transaction, Store.joined), every other kind alone."""
     groups: list[list] = []
     for kind in kinds:
-        if joins and groups and _joinable(kind) and _joinable(groups[-1][-1]):
+        if groups and joinable(kind) and joinable(groups[-1][-1]):
             groups[-1].append(kind)
         else:
             groups.append([kind])
     return groups
-
-
-def _joinable(kind) -> bool:
-    return kind[0] == "store" and kind[1] in Store.JOINABLE
 
 
 def _describe(error: Exception) -> str:
@@ -200,7 +197,8 @@ def _serve(requests, answers):
             answers.flush()
             break
         writer.watch_keys()
-        for group in _groups(request[1], writer.store.joins):
+        for group in grouped(request[1], lambda kind: writer.store.joins and kind[0] == "store"
+                             and kind[1] in Store.JOINABLE):
             for answer in (writer.run(*group[0]),) if len(group) == 1 else writer.run_joined(group):
                 pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
             answers.flush()
