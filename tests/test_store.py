@@ -202,3 +202,34 @@ def test_settling_writes_a_message_only_when_its_state_changes(store):
 def test_only_a_sqlite_store_joins_the_writers_calls(store):
     # PostgreSQL may be shared by several engines: see Store.joins.
     assert store.joins is (store.engine.dialect.name == "sqlite")
+
+
+@pytest.mark.postgres
+def test_on_postgresql_deliveries_of_a_channel_are_queued_by_one_transaction_at_a_time(postgres_url):
+    """Two engines: the second's deliveries wait for the first's commit, so ids are queue order."""
+    import threading
+
+    from interface_engine.store import NewDelivery, Processed
+
+    first, second = Store(postgres_url), Store(postgres_url)
+    first.check_schema()
+    try:
+        (one,) = first.write([item("ORDER1", channel="adt")])
+        (two,) = second.write([item("ORDER2", channel="adt")])
+        done = threading.Event()
+
+        def queue_second():
+            second.save_processing([Processed(two.message_id, "adt", deliveries=(NewDelivery("out", "queued", b"y"),))])
+            done.set()
+        with first.joined():   # first's transaction stays open until the block ends
+            first.save_processing([Processed(one.message_id, "adt", deliveries=(NewDelivery("out", "queued", b"x"),))])
+            worker = threading.Thread(target=queue_second)
+            worker.start()
+            assert not done.wait(1.0), "the second transaction queued deliveries beside the first"
+        worker.join(10)
+        assert done.is_set()
+        ids = {d["message_id"]: d["id"] for m in (one, two) for d in first.deliveries_of(m.message_id)}
+        assert ids[one.message_id] < ids[two.message_id]
+    finally:
+        first.close()
+        second.close()

@@ -567,6 +567,8 @@ class Store:
             if self._sqlite:
                 found = driver(conn).execute(_SQLITE_STILL_RECEIVED.format(ids=placeholders(len(ids))), ids)
             else:
+                for channel in sorted({p.channel for p in batch}):
+                    conn.execute(_QUEUE_ORDER_LOCK, {"channel": channel})
                 found = conn.execute(_STILL_RECEIVED, {"ids": ids})
             waiting = {row[0] for row in found}
             done = []
@@ -750,6 +752,11 @@ class Store:
 # Prepared once: building a statement per row cost more than running it.
 _INSERT_MESSAGES = insert(messages)
 _INSERT_PATIENTS = insert(message_patients)
+# PostgreSQL, shared by several engines: deliveries take their ids (their queue order) and
+# become visible in one order only if the transactions that queue them for a channel do not
+# overlap. Without this lock, one engine's deliveries could commit after another's with
+# higher ids, and be sent after them. Taken first, in channel order; held until commit.
+_QUEUE_ORDER_LOCK = sa.text("SELECT pg_advisory_xact_lock(7001, hashtext(:channel))")
 _NEXT_IDS = sa.text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :count)")
 _SQLITE_INSERT_PATIENTS = "INSERT INTO message_patients (message_id, patient_hash) VALUES (?, ?)"
 # FOR UPDATE (PostgreSQL; SQLite has one writer): when two engines race for a message,
